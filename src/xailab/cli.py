@@ -1,0 +1,234 @@
+"""``xailab`` command line: a thin face over ``xailab.api``. Options of ``train`` are generated from
+``TrainConfig`` so the two never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xailab import api
+from xailab.config import read_config_file
+from xailab.errors import ConfigError, XailabError
+from xailab.train import TrainConfig
+from xailab.train.runs import read_run_config
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[("" if r.get(c) is None else str(r[c])) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)  # so 3 -> int, 0.5 -> float, true -> bool
+    return out
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if f.name in ("model_options", "dataset_options"):
+            single = f.name.split("_")[0]
+            p.add_argument(
+                f"--{single}-option",
+                dest=f.name,
+                action="append",
+                metavar="KEY=VALUE",
+                help=f"a {single} option, repeatable (e.g. --{single}-option stride=2)",
+            )
+            continue
+        if hint is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            continue
+        origin = typing.get_origin(hint)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if origin is typing.Literal:
+            p.add_argument(flag, dest=f.name, choices=list(typing.get_args(hint)), default=None)
+        else:
+            typ = args[0] if args else hint
+            p.add_argument(flag, dest=f.name, type=typ if typ in (int, float) else str, default=None)
+
+
+def _train_config(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
+    data: dict[str, Any] = {}
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None:
+        data.update(read_run_config(resume_dir)["train"])
+    if args.config:
+        data.update(read_config_file(args.config))
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if f.name in ("model_options", "dataset_options"):
+            if value:
+                data[f.name] = {
+                    **data.get(f.name, {}),
+                    **_key_values(value, f"--{f.name.split('_')[0]}-option"),
+                }
+        elif value is not None:
+            data[f.name] = value
+    for key in ("model", "dataset"):
+        if key not in data:
+            raise ConfigError(f"train: --{key} is required (or give it in --config FILE)")
+    return data, resume_dir
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    data, resume_dir = _train_config(args)
+    config = TrainConfig.from_dict(data)
+    if resume_dir is not None:
+        run = api.train(config, out_dir=resume_dir.parent, name=resume_dir.name, resume=True)
+    else:
+        run = api.train(config, out_dir=args.out, name=args.name)
+    test = run.metrics.get("test", {})
+    print(f"run: {run.path}")
+    if test:
+        print(
+            f"test accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
+            f"({run.metrics['train_seconds']:.0f} s training)"
+        )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from xailab.models import model_table
+
+    rows = model_table()
+    for r in rows:
+        r["parameters"] = f"{r['params']:,}"
+        r["MACs"] = f"{r['macs'] / 1e6:,.1f}M"
+        r["input"] = "x".join(map(str, r["input_size"]))
+    print(_table(rows, ["name", "input", "parameters", "MACs"]))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from xailab.data import dataset_status
+
+    rows = []
+    for name in api.list_datasets():
+        s = dataset_status(name, data_dir=args.data_dir)
+        rows.append(
+            {
+                "name": name,
+                "found": {True: "yes", False: "no", None: "-"}[s["found"]],
+                "verified": {True: "yes", False: "NO", None: "-"}[s["verified"]],
+                "where": s["folder"] or s.get("note", ""),
+            }
+        )
+    print(_table(rows, ["name", "found", "verified", "where"]))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    m = api.evaluate(args.run, split=args.split, data_dir=args.data_dir, dataset_root=args.dataset_root)
+    print(
+        f"{args.split}: n={m['n']}  accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
+        + "".join(
+            f"  {k} {m[k]:.4f}" for k in ("top3_accuracy", "roc_auc", "sensitivity", "specificity") if k in m
+        )
+    )
+    rows = [
+        {"class": c, **{k: f"{v:.3f}" if isinstance(v, float) else v for k, v in d.items()}}
+        for c, d in m["per_class"].items()
+    ]
+    print(_table(rows, ["class", "precision", "recall", "f1", "support"]))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    results = api.predict(args.run, args.images, top_k=args.top_k)
+    for path, top in zip(args.images, results, strict=True):
+        print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    rows = api.list_runs(args.out)
+    if not rows:
+        print(f"no runs under {args.out}/ (train one with `xailab train --model M --dataset D`)")
+        return 0
+    for r in rows:
+        if r["test_accuracy"] is not None:
+            r["test_accuracy"] = f"{r['test_accuracy']:.4f}"
+    print(_table(rows, ["run", "model", "dataset", "status", "epochs", "test_accuracy"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xailab", description="Train, compare and explain image classifiers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a dataset into runs/<name>/")
+    _add_train_options(p)
+    p.add_argument(
+        "--config", help="a YAML or TOML file of training options (command-line flags override it)"
+    )
+    p.add_argument("--out", default="runs", help="folder holding the runs (default: runs)")
+    p.add_argument("--name", help="run name (default: <model>__<dataset>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list the models with parameters and multiply-accumulates")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("datasets", help="list the datasets, where they were found and whether verified")
+    p.add_argument("--data-dir", help="folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a split")
+    p.add_argument("run", help="run folder, e.g. runs/mnist_cnn__mnist")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir")
+    p.add_argument("--dataset-root")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top classes with confidence for image files")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("runs", help="list the runs")
+    p.add_argument("--out", default="runs")
+    p.set_defaults(func=cmd_runs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except XailabError as e:
+        print(f"xailab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nxailab: interrupted. A training run continues with `xailab train --resume runs/<name>`.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

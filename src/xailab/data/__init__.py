@@ -1,0 +1,184 @@
+"""Datasets as uint8 tensors in memory: ``load_dataset(name, ...)`` and the helpers around it.
+
+Importing this package registers every loader (digits, mnist, fashion_mnist, cifar10, image_folder,
+csv_folder, chest_xray). A dataset's folder is ``root`` (``--dataset-root``) if given, else
+``<data_dir>/<folder>`` with ``data_dir`` from the argument, ``XAILAB_DATA_DIR`` or ``~/.cache/xailab``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from xailab.data import cifar, folders, idx, transforms
+from xailab.data import digits as _digits  # noqa: F401  (imported to register its loader)
+from xailab.data.base import (
+    DATASETS,
+    Augment,
+    Dataset,
+    DatasetSpec,
+    ImageSet,
+    LoadRequest,
+    channel_stats,
+    default_cache_dir,
+    default_data_dir,
+    register_dataset,
+)
+from xailab.data.download import fetch
+from xailab.data.transforms import (
+    augment_batch,
+    random_crop,
+    random_hflip,
+    resize_uint8,
+    stratified_split,
+    to_channels,
+    to_model_input,
+)
+from xailab.errors import DatasetError
+
+__all__ = [
+    "DATASETS",
+    "Augment",
+    "Dataset",
+    "DatasetSpec",
+    "ImageSet",
+    "LoadRequest",
+    "augment_batch",
+    "channel_stats",
+    "dataset_folder",
+    "dataset_status",
+    "default_cache_dir",
+    "default_data_dir",
+    "fetch",
+    "list_datasets",
+    "load_dataset",
+    "random_crop",
+    "random_hflip",
+    "register_dataset",
+    "resize_uint8",
+    "stratified_split",
+    "to_channels",
+    "to_model_input",
+    "transforms",
+]
+
+# How `dataset_status` checks each dataset with a default folder (the others need no files or a root).
+_STATUS_CHECKS = {
+    "mnist": idx.mnist_status,
+    "fashion_mnist": idx.fashion_mnist_status,
+    "cifar10": cifar.cifar10_status,
+    "chest_xray": folders.chest_xray_status,
+}
+
+
+def list_datasets() -> list[str]:
+    """Names of all registered datasets, sorted."""
+    return DATASETS.names()
+
+
+def dataset_folder(name: str, data_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
+    """Where ``name`` is read from: ``root`` if given, else ``<data_dir>/<folder>``.
+
+    ``data_dir`` defaults to ``XAILAB_DATA_DIR`` or ``~/.cache/xailab``. Datasets without a default folder
+    (digits, image_folder, csv_folder) get the data dir itself; the folder loaders then ask for a root.
+    """
+    spec = DATASETS.get(name)
+    if root is not None:
+        return Path(root).expanduser().absolute()
+    base = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    return (base / spec.folder if spec.folder else base).absolute()
+
+
+def _as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    size = (
+        (int(image_size), int(image_size))
+        if isinstance(image_size, int)
+        else tuple(int(s) for s in image_size)
+    )
+    if len(size) != 2 or min(size) < 1:
+        raise DatasetError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _as_augment(value: Augment | Mapping) -> Augment:
+    if isinstance(value, Augment):
+        return value
+    try:
+        return Augment(**value)
+    except TypeError as exc:
+        raise DatasetError(
+            f"augment option {value!r} is invalid ({exc}); use crop_padding=<int>, hflip=<bool>"
+        ) from None
+
+
+def conform(dataset: Dataset, image_size: tuple[int, int] | None, channels: int | None) -> Dataset:
+    """Resize every split to ``image_size`` and convert to ``channels``; recompute train stats if anything changed."""
+    splits = {}
+    for split, images in dataset.splits.items():
+        x = resize_uint8(images.images, image_size) if image_size else images.images
+        x = to_channels(x, channels) if channels else x
+        splits[split] = images if x is images.images else ImageSet(x, images.labels)
+    if all(splits[s] is dataset.splits[s] for s in splits):
+        return dataset
+    mean, std = channel_stats(splits["train"].images)
+    return replace(dataset, splits=splits, mean=mean, std=std)
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    root: str | Path | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+    download: bool = False,
+    mirrors: Sequence[str] = (),
+    cache_dir: str | Path | None = None,
+    **options,
+) -> Dataset:
+    """Load dataset ``name`` with uint8 ``[N, H, W, C]`` splits, resized/converted once here.
+
+    ``image_size`` (int or ``(H, W)``) and ``channels`` (1 or 3) are applied at load time; mean/std are
+    computed on the resulting train split. ``download`` fetches missing official files (``mirrors`` first).
+    ``options`` go to the loader (``csv``, ``test_fraction``, ...); ``augment`` (an ``Augment`` or a dict)
+    overrides the dataset's default augmentation. Unknown names raise ``UnknownNameError``.
+    """
+    spec = DATASETS.get(name)
+    if channels not in (None, 1, 3):
+        raise DatasetError(f"channels must be 1 or 3, got {channels!r}")
+    size = _as_size(image_size)
+    augment = options.pop("augment", None)
+    request = LoadRequest(
+        root=dataset_folder(name, data_dir, root),
+        image_size=size,
+        download=download,
+        mirrors=tuple(mirrors),
+        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+        options={**options, "channels": channels},
+    )
+    dataset = conform(spec.load(request), size, channels)  # type: ignore[operator]
+    return replace(dataset, augment=_as_augment(augment)) if augment is not None else dataset
+
+
+def dataset_status(name: str, data_dir: str | Path | None = None) -> dict:
+    """What ``xailab datasets`` shows for ``name``: the folder looked at, whether it was found, missing files,
+    and ``verified`` (True/False: md5 of the official files matches or not; None: nothing to compare).
+    """
+    spec = DATASETS.get(name)
+    if spec.folder is None:
+        needs = "bundled with scikit-learn" if name == "digits" else "needs --dataset-root"
+        return {"name": name, "folder": None, "found": None, "missing": [], "verified": None, "note": needs}
+    folder = dataset_folder(name, data_dir)
+    check = _STATUS_CHECKS.get(name)
+    if check is None:
+        return {
+            "name": name,
+            "folder": str(folder),
+            "found": folder.is_dir(),
+            "missing": [],
+            "verified": None,
+        }
+    return {"name": name, **check(folder)}

@@ -1,0 +1,120 @@
+"""Pure batched tensor functions on uint8 NHWC images: augmentation, resizing, channel conversion, splits.
+
+Every function works on any device. Random numbers come from an explicit ``torch.Generator``, drawn on the
+generator's device and then moved to the images' device, so a CPU generator can drive GPU augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xailab.data.base import Augment
+
+# ITU-R BT.601 luma weights in 16-bit fixed point, exactly as Pillow's convert("L") uses them,
+# so tensor conversion and decode-time conversion of image folders give identical pixels.
+_LUMA_WEIGHTS = (19595, 38470, 7471)
+
+
+def _draw_randint(high: int, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``[n]`` ints in ``[0, high)`` drawn on the generator's device, returned on ``device``."""
+    return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(device)
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad ``x`` (``[B, H, W, C]``) by ``padding`` on each side, then crop ``[H, W]`` at per-sample offsets.
+
+    Gathers all windows with one advanced-indexing call. ``padding == 0`` returns ``x`` unchanged.
+    """
+    if padding == 0:
+        return x
+    b, h, w, _ = x.shape
+    padded = F.pad(x, (0, 0, padding, padding, padding, padding))
+    oy = _draw_randint(2 * padding + 1, b, generator, x.device)
+    ox = _draw_randint(2 * padding + 1, b, generator, x.device)
+    rows = oy[:, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = ox[:, None] + torch.arange(w, device=x.device)  # [B, W]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror each image of ``x`` (``[B, H, W, C]``) left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(2), x)
+
+
+def augment_batch(x: Tensor, augment: Augment, generator: torch.Generator) -> Tensor:
+    """Apply a dataset's training augmentation to uint8 ``[B, H, W, C]`` images (crop, then flip)."""
+    x = random_crop(x, augment.crop_padding, generator)
+    return random_hflip(x, generator) if augment.hflip else x
+
+
+def to_model_input(
+    x: Tensor,
+    mean: Sequence[float] | Tensor,
+    std: Sequence[float] | Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """uint8 ``[B, H, W, C]`` -> normalised float ``[B, C, H, W]`` ((x / 255 - mean) / std).
+
+    The result is a permuted view made dense, so it is channels_last in memory, which convolutions prefer.
+    """
+    mean_t = torch.as_tensor(mean, dtype=dtype, device=x.device).reshape(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=dtype, device=x.device).reshape(-1, 1, 1)
+    return (x.permute(0, 3, 1, 2).to(dtype) / 255 - mean_t) / std_t
+
+
+def resize_uint8(images: Tensor, size: tuple[int, int], chunk: int = 4096) -> Tensor:
+    """Resize uint8 ``[N, H, W, C]`` to ``[N, size[0], size[1], C]``: bilinear with antialias, rounded back.
+
+    Works in chunks of ``chunk`` images to bound the float copy's memory.
+    """
+    if tuple(images.shape[1:3]) == tuple(size):
+        return images
+    out = torch.empty((images.shape[0], *size, images.shape[3]), dtype=torch.uint8, device=images.device)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out
+
+
+def to_channels(images: Tensor, channels: int) -> Tensor:
+    """uint8 ``[N, H, W, C]`` -> ``[N, H, W, channels]``: gray to RGB by replication, RGB to gray by BT.601 luma."""
+    c = images.shape[-1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return images.expand(*images.shape[:3], 3).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor(_LUMA_WEIGHTS, dtype=torch.int32, device=images.device)
+        luma = (images.to(torch.int32) * w).sum(-1, keepdim=True) + 0x8000
+        return (luma >> 16).to(torch.uint8)
+    raise ValueError(f"cannot convert {c}-channel images to {channels} channels (only 1 <-> 3)")
+
+
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices of ``labels`` (``[N]`` int) into ``(train_idx, val_idx)``, both sorted ``[M]`` long tensors.
+
+    Each class contributes ``round(count * fraction)`` indices to ``val_idx`` (but leaves at least one in
+    ``train_idx``), chosen by a permutation seeded with ``seed``: the same inputs always give the same split.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    labels = labels.cpu().long()
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(labels.numel(), generator=generator)
+    shuffled = labels[perm]
+    order = torch.sort(shuffled, stable=True).indices  # grouped by class, random within a class
+    grouped = shuffled[order]
+    _classes, counts = torch.unique_consecutive(grouped, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(grouped.numel()) - torch.repeat_interleave(starts, counts)
+    n_val = torch.minimum((counts.double() * fraction).round().long(), (counts - 1).clamp_min(0))
+    is_val = rank < torch.repeat_interleave(n_val, counts)
+    index = perm[order]
+    return index[~is_val].sort().values, index[is_val].sort().values

@@ -1,0 +1,28 @@
+"""Typed errors. Each names the bad value and says what to do, so the CLI can print it without a traceback."""
+
+
+class XailabError(Exception):
+    """Base class of every error xailab raises on purpose (bad input, missing files, bad config)."""
+
+
+class UnknownNameError(XailabError, KeyError):
+    """A registry lookup failed; the message lists the nearest valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class DatasetError(XailabError):
+    """A dataset file or folder is missing, corrupt or inconsistent; the message names the file."""
+
+
+class ConfigError(XailabError):
+    """A configuration key or value is invalid; the message names the key and lists the valid ones."""
+
+
+class CheckpointError(XailabError):
+    """A run folder or checkpoint is missing or does not match the model."""
+
+
+class TrainingDiverged(XailabError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

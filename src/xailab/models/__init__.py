@@ -1,0 +1,20 @@
+"""The model zoo. Importing this package registers every model with ``xailab.models.base.MODELS``."""
+
+from xailab.models import efficient_cnn, imagenet, mobilenetv2, resnet, small_cnns
+from xailab.models.base import MODELS, create_model, list_models, model_input_size
+from xailab.models.summary import count_macs, count_parameters, model_table
+
+__all__ = [
+    "MODELS",
+    "count_macs",
+    "count_parameters",
+    "create_model",
+    "efficient_cnn",
+    "imagenet",
+    "list_models",
+    "mobilenetv2",
+    "model_input_size",
+    "model_table",
+    "resnet",
+    "small_cnns",
+]

@@ -1,0 +1,70 @@
+"""The model registry: ``create_model(name, in_channels, num_classes, **options)`` and ``list_models()``.
+
+Contract of every model: an ``nn.Module`` mapping float ``[B, C, H, W]`` to logits ``[B, K]``, with a
+``cam_layer`` attribute naming the module (a ``get_submodule`` path) Grad-CAM explains by default.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from xailab.errors import ConfigError
+from xailab.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its factory and the input size it is meant for (``(H, W)``)."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_size: tuple[int, int]
+    description: str = ""
+
+
+MODELS: Registry[ModelSpec] = Registry("model")  # type: ignore[type-var]
+
+
+def register_model(name: str, input_size: tuple[int, int] = (32, 32), description: str = ""):
+    """Decorator registering ``factory(in_channels, num_classes, **options) -> nn.Module`` as ``name``."""
+
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS.register(name)(
+            ModelSpec(name, factory, input_size, description or (factory.__doc__ or "").split("\n")[0])
+        )
+        return factory
+
+    return add
+
+
+def create_model(name: str, in_channels: int = 3, num_classes: int = 10, **options) -> nn.Module:
+    """Build the registered model ``name`` for ``in_channels``-channel inputs and ``num_classes`` outputs.
+
+    Unknown options raise an error that lists the ones the model accepts.
+    """
+    spec = MODELS.get(name)
+    accepted = [
+        p for p in inspect.signature(spec.factory).parameters if p not in ("in_channels", "num_classes")
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(accepted) or 'none'}"
+        )
+    model = spec.factory(in_channels=in_channels, num_classes=num_classes, **options)
+    model.model_name = name
+    return model
+
+
+def list_models() -> list[str]:
+    """Names of all registered models."""
+    return MODELS.names()
+
+
+def model_input_size(name: str) -> tuple[int, int]:
+    """The ``(H, W)`` input size model ``name`` is designed for."""
+    return MODELS.get(name).input_size

@@ -1,0 +1,21 @@
+"""Shared fixtures: where the read-only copy of the real datasets lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The shared dataset folder: ``XAILAB_DATA_DIR``, else ``<repo>/../shared/datasets``; skip if absent.
+
+    It is read-only: tests write caches and downloads to ``tmp_path`` only.
+    """
+    env = os.environ.get("XAILAB_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    if not path.is_dir():
+        pytest.skip(f"shared dataset folder {path} is absent (set XAILAB_DATA_DIR to a copy of it)")
+    return path
