@@ -1,9 +1,10 @@
 """Training throughput: xailab's loop vs a seed-style PyTorch loop vs the limit, same model and data, one run.
 
 - limit: the fastest bare forward + backward + optimiser step on preloaded, pre-normalised tensors
-  (fp32 NCHW, fp32 channels_last, and bf16 autocast + channels_last where the processor runs bf16 natively).
-- xailab: ``xailab.train`` (fast mode: precision=auto + channels_last; exact mode: fp32), images/s of its
-  second epoch, augmentation included.
+  (fp32 NCHW, fp32 channels_last, and bf16 autocast + channels_last where the processor runs bf16 natively),
+  the fastest of three rounds.
+- xailab: ``xailab.train`` (fast mode: precision=auto + channels_last; exact mode: fp32 NCHW), images/s of
+  its fastest epoch after the first, augmentation included.
 - seed-style: a per-sample ``Dataset`` with per-sample transforms through a ``DataLoader``, fp32 NCHW,
   ``loss.item()`` every step — the loop of the seed projects.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import tempfile
 import time
 
@@ -54,10 +56,18 @@ def bare_steps(model_name, ds, batch, steps, channels_last, bf16) -> float:
 
     for _ in range(3):
         step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - t)
+    return best_rate(step, steps, batch)
+
+
+def best_rate(step, steps: int, batch: int, rounds: int = 3) -> float:
+    """Images/s of the fastest of ``rounds`` rounds of ``steps`` calls (the machine is shared: take the best)."""
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = max(best, steps * batch / (time.perf_counter() - t))
+    return best
 
 
 class SeedStyleDataset(torch.utils.data.Dataset):
@@ -95,19 +105,21 @@ def seed_style(model_name, ds, batch, steps) -> float:
         drop_last=True,
     )
     loss_fn = nn.CrossEntropyLoss()
-    it = iter(loader)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # reshuffles at each pass
     total = 0.0
-    t = None
-    for i in range(steps + 3):
-        if i == 3:
-            t = time.perf_counter()
-        x, y = next(it)
+
+    def step():
+        nonlocal total
+        x, y = next(batches)
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         total += loss.item()  # the per-step host synchronisation of the seeds
-    return steps * batch / (time.perf_counter() - t)
+
+    for _ in range(3):
+        step()
+    return best_rate(step, steps, batch)
 
 
 def xailab_loop(model_name, ds, batch, steps, precision) -> float:
@@ -127,7 +139,7 @@ def xailab_loop(model_name, ds, batch, steps, precision) -> float:
     )
     with tempfile.TemporaryDirectory() as out:
         run = train(cfg, out_dir=out, dataset=small, progress=False)
-    return run.history[-1]["images_per_s"]
+    return max(r["images_per_s"] for r in run.history[1:])  # epoch 1 includes one-off warm-up
 
 
 def main() -> None:
@@ -145,8 +157,12 @@ def main() -> None:
     )
     for name in args.models:
         dataset, size = DATA.get(name, ("cifar10", 32))
-        ds = load_dataset(dataset, data_dir=args.data_dir, root=args.cifar10_root if dataset == "cifar10" else None,
-                          image_size=size)
+        ds = load_dataset(
+            dataset,
+            data_dir=args.data_dir,
+            root=args.cifar10_root if dataset == "cifar10" else None,
+            image_size=size,
+        )
         limits = {
             "fp32 NCHW": bare_steps(name, ds, args.batch, args.steps, False, False),
             "fp32 channels_last": bare_steps(name, ds, args.batch, args.steps, True, False),

@@ -46,6 +46,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
+        default = "" if f.default in (dataclasses.MISSING, None) else f" (default: {f.default})"
+        help_text = f.metadata.get("help", "") + default
         if f.name in ("model_options", "dataset_options"):
             single = f.name.split("_")[0]
             p.add_argument(
@@ -57,15 +59,21 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             )
             continue
         if hint is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
         origin = typing.get_origin(hint)
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if origin is typing.Literal:
-            p.add_argument(flag, dest=f.name, choices=list(typing.get_args(hint)), default=None)
+            p.add_argument(
+                flag, dest=f.name, choices=list(typing.get_args(hint)), default=None, help=help_text
+            )
         else:
             typ = args[0] if args else hint
-            p.add_argument(flag, dest=f.name, type=typ if typ in (int, float) else str, default=None)
+            p.add_argument(
+                flag, dest=f.name, type=typ if typ in (int, float) else str, default=None, help=help_text
+            )
 
 
 def _train_config(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:

@@ -13,7 +13,7 @@ from xailab.models.base import register_model
 def conv_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
     """'Same'-padded conv + ReLU; keeps its bias since no BN follows directly."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2), nn.ReLU(inplace=True)
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2), nn.ReLU()
     )
 
 
@@ -44,12 +44,12 @@ class DepthwiseBlock(nn.Module):
         self.depthwise = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
             nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
         )
         self.pointwise = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
         )
         self.pool = nn.MaxPool2d(2)
 
@@ -73,7 +73,7 @@ class EfficientCNN(nn.Module):
         widths = [128, 64, 128, 256, 512]
         self.blocks = nn.Sequential(*(DepthwiseBlock(cin, cout) for cin, cout in pairwise(widths)))
         self.classifier = nn.Sequential(
-            nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, num_classes)
+            nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes)
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -115,10 +115,10 @@ class DenseLayer(nn.Module):
     def __init__(self, in_channels: int, growth: int, bn_size: int) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()
         self.conv1 = nn.Conv2d(in_channels, bn_size * growth, 1, bias=False)
         self.norm2 = nn.BatchNorm2d(bn_size * growth)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU()
         self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ class Transition(nn.Sequential):
         super().__init__(
             OrderedDict(
                 norm=nn.BatchNorm2d(in_channels),
-                relu=nn.ReLU(inplace=True),
+                relu=nn.ReLU(),
                 conv=nn.Conv2d(in_channels, out_channels, 1, bias=False),
                 pool=nn.AvgPool2d(2, stride=2),
             )
@@ -187,7 +187,7 @@ class DenseNet169(nn.Module):
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             conv0=nn.Conv2d(3, init_features, 7, stride=2, padding=3, bias=False),
             norm0=nn.BatchNorm2d(init_features),
-            relu0=nn.ReLU(inplace=True),
+            relu0=nn.ReLU(),
             pool0=nn.MaxPool2d(3, stride=2, padding=1),
         )
         width = init_features
@@ -345,11 +345,11 @@ class TransferEnsemble(nn.Module):
         self.head = nn.Sequential(
             nn.BatchNorm1d(width),
             nn.Linear(width, 256),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(0.5),
             nn.BatchNorm1d(256),
             nn.Linear(256, 128),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(0.5),
             nn.Linear(128, 1 if head == "sigmoid" else num_classes),
         )

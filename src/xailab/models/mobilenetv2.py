@@ -18,7 +18,7 @@ class ConvBNReLU6(nn.Sequential):
                 in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
             ),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU6(inplace=True),
+            nn.ReLU6(),
         )
 
 
@@ -76,7 +76,7 @@ class MobileNetV2Small(nn.Module):
         self.head = ConvBNReLU6(64, 1280, 1)
         self.classifier = nn.Sequential(
             nn.Linear(1280, 128),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(0.2),
             nn.Linear(128, num_classes),
         )

@@ -24,7 +24,7 @@ class ConvBlock(nn.Sequential):
             layers += [
                 nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=False),
                 nn.BatchNorm2d(out_channels),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),
             ]
         if pool:
             layers.append(nn.MaxPool2d(2))
@@ -52,7 +52,7 @@ class VGGStyleCNN(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Linear(widths[-1], hidden),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )

@@ -1,7 +1,7 @@
 """Small duck-typed callbacks. A callback implements any of:
 
-``on_train_begin(info)`` (info: epochs, run_dir, start_epoch, model), ``on_epoch_begin(epoch, steps)``, ``on_step_end(step, images)``,
-``on_epoch_end(row)``, ``on_train_end(run)``; missing methods are skipped.
+``on_train_begin(info)`` (info: epochs, run_dir, start_epoch, model), ``on_epoch_begin(epoch, steps)``,
+``on_step_end(step, images)``, ``on_epoch_end(row)``, ``on_train_end(run)``; missing methods are skipped.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class ProgressBar:
     It never reads a device tensor inside the epoch, so it adds no host synchronisation per step.
     """
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr  # looked up now, so redirected stderr (pytest, notebooks) is honoured
         self.bar: tqdm | None = None
         self.epochs = 0
         self.start = 0.0
@@ -45,6 +45,7 @@ class ProgressBar:
             leave=False,
             dynamic_ncols=True,
             mininterval=0.5,
+            disable=not self.stream.isatty(),  # a log file gets the epoch lines only
         )
         self.start = time.perf_counter()
         self.images = 0

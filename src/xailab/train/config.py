@@ -10,6 +10,10 @@ from xailab.config import from_dict, to_dict
 from xailab.errors import ConfigError
 
 
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run. Defaults follow the seeds (Adam, ReduceLROnPlateau).
@@ -20,38 +24,46 @@ class TrainConfig:
     class-balanced (for imbalanced sets such as the ~3:1 chest X-ray set).
     """
 
-    model: str
-    dataset: str
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    schedule: Literal["plateau", "onecycle", "cosine", "constant"] = "plateau"
-    warmup_epochs: float = 0.0
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    label_smoothing: float = 0.0
-    early_stopping: int = 0
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    val_fraction: float = 0.1
-    class_balance: Literal["none", "weights", "sampler"] = "none"
-    augment: bool = True
-    image_size: int | None = None
-    channels: int | None = None
-    train_limit: int | None = None
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    deterministic: bool = False
-    seed: int = 0
-    device: str = "auto"
-    eval_batch_size: int = 512
-    data_dir: str | None = None
-    dataset_root: str | None = None
-    model_options: dict[str, Any] = field(default_factory=dict)
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model: str = field(metadata={"help": "model name (see `xailab models`)"})
+    dataset: str = field(metadata={"help": "dataset name (see `xailab datasets`)"})
+    epochs: int = _opt(10, "number of epochs")
+    batch_size: int = _opt(128, "training batch size")
+    optimizer: Literal["adam", "adamw", "sgd"] = _opt("adam", "optimiser; sgd is SGD with Nesterov momentum")
+    lr: float = _opt(1e-3, "base (peak, for onecycle) learning rate")
+    weight_decay: float = _opt(0.0, "weight decay of the optimiser")
+    momentum: float = _opt(0.9, "SGD momentum")
+    schedule: Literal["plateau", "onecycle", "cosine", "constant"] = _opt("plateau", "learning-rate schedule")
+    warmup_epochs: float = _opt(
+        0.0, "linear warm-up for cosine; peak position for onecycle (0: 30%% of the run)"
+    )
+    plateau_factor: float = _opt(0.5, "ReduceLROnPlateau: factor applied to the rate")
+    plateau_patience: int = _opt(2, "ReduceLROnPlateau: epochs without improvement before reducing")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
+    early_stopping: int = _opt(0, "stop after this many epochs without improvement (0: off)")
+    monitor: Literal["val_loss", "val_accuracy"] = _opt("val_loss", "what picks the best weights")
+    val_fraction: float = _opt(0.1, "stratified fraction of train held out for validation")
+    class_balance: Literal["none", "weights", "sampler"] = _opt(
+        "none", "for imbalanced sets: loss weights or balanced batches"
+    )
+    augment: bool = _opt(True, "the dataset's training augmentation (crop, flip where meaningful)")
+    image_size: int | None = _opt(None, "input size (default: the model's)")
+    channels: int | None = _opt(None, "1 or 3 input channels (default: the dataset's)")
+    train_limit: int | None = _opt(None, "train on a stratified subset of this many images")
+    precision: Literal["auto", "fp32", "bf16"] = _opt(
+        "auto", "auto: bf16 autocast where the hardware runs it natively"
+    )
+    channels_last: bool = _opt(True, "channels_last memory format (faster convolutions)")
+    compile: bool = _opt(False, "torch.compile the model")
+    deterministic: bool = _opt(False, "deterministic algorithms (bit-exact reruns)")
+    seed: int = _opt(0, "seed of initialisation, split, data order and augmentation")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
+    eval_batch_size: int = _opt(512, "batch size of evaluation")
+    data_dir: str | None = _opt(None, "folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
+    dataset_root: str | None = _opt(None, "read the dataset from this folder instead")
+    model_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "options of the model"})
+    dataset_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "options of the dataset loader"}
+    )
 
     def __post_init__(self) -> None:
         checks = {

@@ -149,7 +149,7 @@ def _split_train_val(dataset: Dataset, config: TrainConfig) -> tuple[ImageSet, I
 
 def _class_weights(labels: Tensor, num_classes: int) -> Tensor:
     """Inverse-frequency weights ``[K]`` normalised so that a balanced set gets all ones."""
-    counts = torch.bincount(labels, minlength=num_classes).double().clamp_min(1)
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp_min(1)  # on labels' device
     return (counts.sum() / (num_classes * counts)).float()
 
 
@@ -159,7 +159,7 @@ def _epoch_order(labels: Tensor, balance: str, generator: torch.Generator, num_c
     if balance == "sampler":
         weights = _class_weights(labels, num_classes)[labels].double()
         return torch.multinomial(weights, n, replacement=True, generator=generator)
-    return torch.randperm(n, generator=generator)
+    return torch.randperm(n, generator=generator, device=labels.device)
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -174,14 +174,23 @@ def default_run_name(config: TrainConfig) -> str:
     return f"{config.model}__{config.dataset}"
 
 
+def _cpu_name() -> str:
+    """The processor's model name (``platform.processor()`` is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment(device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "precision": "bf16-autocast" if dtype is not None else "fp32",
     }
@@ -229,7 +238,8 @@ def _train(
     device = resolve_device(config.device)
     dtype = autocast_dtype(config.precision, device)
     torch.manual_seed(config.seed)  # model initialisation and dropout
-    generator = torch.Generator().manual_seed(config.seed)  # data order and augmentation
+    # Data order and augmentation draw on the training device, so no host->device copy waits per step.
+    generator = torch.Generator(device=device).manual_seed(config.seed)
 
     image_size = config.image_size or model_input_size(config.model)[0]
     if dataset is None:
@@ -347,7 +357,7 @@ def _train(
         model.train()
         call(callbacks, "on_epoch_begin", epoch, steps_per_epoch)
         t0 = time.perf_counter()
-        order = _epoch_order(train_set.labels, config.class_balance, generator, k).to(device)
+        order = _epoch_order(labels, config.class_balance, generator, k)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for i in range(steps_per_epoch):
