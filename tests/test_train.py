@@ -191,7 +191,9 @@ def test_keras_l2_is_added_to_the_loss(tmp_path):
             model_options={"weight_decay": weight_decay},
         )
         run = train(cfg, out_dir=tmp_path, name=f"wd{weight_decay}", dataset=rgb, progress=False)
-        return float(sum(m.weight.norm() ** 2 for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)))
+        return float(
+            sum(m.weight.detach().norm() ** 2 for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
+        )
 
     # Keras' kernel_regularizer pulls the conv kernels towards zero; without it they drift freely.
     assert conv_norm(0.5) < 0.7 * conv_norm(0.0)

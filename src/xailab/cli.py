@@ -169,6 +169,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.untrained:
+        if not args.model:
+            raise ConfigError("explain --untrained needs --model NAME (see `xailab models`)")
+        out = api.explain_untrained(args.model, args.out, methods, n=args.n or 8)
+    else:
+        if not args.run:
+            raise ConfigError(
+                "explain needs a run folder (e.g. runs/mnist_cnn__mnist), or --model NAME --untrained"
+            )
+        out = api.explain_run(
+            args.run,
+            args.out,
+            methods,
+            split=args.split,
+            n=args.n or 64,
+            image_files=args.images,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+        )
+    print(f"explanations: {out}/ (index.csv, grid.png, panels/, attributions/)")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     rows = api.list_runs(args.out)
     if not rows:
@@ -216,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=3)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "explain", help="explain a run's predictions (or an untrained model's) with every method"
+    )
+    p.add_argument("run", nargs="?", help="run folder, e.g. runs/mnist_cnn__mnist")
+    p.add_argument("--methods", help="comma-separated method names (default: all; see xailab.list_methods())")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, help="number of images (default: 64, or 8 with --untrained)")
+    p.add_argument("--images", nargs="+", help="explain these image files instead of a split")
+    p.add_argument("--out", default="explanations", help="output folder (default: explanations)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data-dir")
+    p.add_argument("--model", help="with --untrained: a model name")
+    p.add_argument(
+        "--untrained", action="store_true", help="the quick demo: an untrained model on bundled digits"
+    )
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("runs", help="list the runs")
     p.add_argument("--out", default="runs")

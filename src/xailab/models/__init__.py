@@ -1,7 +1,7 @@
 """The model zoo. Importing this package registers every model with ``xailab.models.base.MODELS``."""
 
 from xailab.models import efficient_cnn, imagenet, mobilenetv2, resnet, small_cnns
-from xailab.models.base import MODELS, create_model, list_models, model_input_size
+from xailab.models.base import MODELS, create_model, list_models, model_input_size, random_init_options
 from xailab.models.summary import count_macs, count_parameters, model_table
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "mobilenetv2",
     "model_input_size",
     "model_table",
+    "random_init_options",
     "resnet",
     "small_cnns",
 ]

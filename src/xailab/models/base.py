@@ -68,3 +68,13 @@ def list_models() -> list[str]:
 def model_input_size(name: str) -> tuple[int, int]:
     """The ``(H, W)`` input size model ``name`` is designed for."""
     return MODELS.get(name).input_size
+
+
+def random_init_options(name: str) -> dict:
+    """Options that build ``name`` with random weights: ``{"pretrained": False}`` for models that otherwise
+    look for ImageNet weights, else ``{}``."""
+    return (
+        {"pretrained": False}
+        if "pretrained" in inspect.signature(MODELS.get(name).factory).parameters
+        else {}
+    )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from xailab.models.base import MODELS, create_model, list_models
+from xailab.models.base import MODELS, create_model, list_models, random_init_options
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -41,8 +39,7 @@ def model_table(in_channels: int = 3, num_classes: int = 10) -> list[dict]:
     rows = []
     for name in list_models():
         spec = MODELS.get(name)
-        options = {"pretrained": False} if "pretrained" in inspect.signature(spec.factory).parameters else {}
-        model = create_model(name, in_channels, num_classes, **options)
+        model = create_model(name, in_channels, num_classes, **random_init_options(name))
         rows.append(
             {
                 "name": name,

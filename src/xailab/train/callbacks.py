@@ -28,7 +28,9 @@ class ProgressBar:
     """
 
     def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr  # looked up now, so redirected stderr (pytest, notebooks) is honoured
+        self.stream = (
+            stream or sys.stderr
+        )  # looked up now, so redirected stderr (pytest, notebooks) is honoured
         self.bar: tqdm | None = None
         self.epochs = 0
         self.start = 0.0

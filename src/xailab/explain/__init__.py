@@ -1,0 +1,9 @@
+"""Explanation methods behind one contract: ``explain(model, inputs, method, target) -> [B, 1, H, W]``.
+
+Importing this package registers every built-in method.
+"""
+
+from xailab.explain import cam, gradients, perturbation  # noqa: F401  (imported to register their methods)
+from xailab.explain.base import METHODS, MethodSpec, explain, list_methods, preserved_state, register_method
+
+__all__ = ["METHODS", "MethodSpec", "explain", "list_methods", "preserved_state", "register_method"]

@@ -1,0 +1,207 @@
+"""Parity of xailab's occlusion, LIME and Kernel SHAP with Captum on real zoo models (same windows; for
+LIME/SHAP the same segments, coalitions, kernel and regression), and the ``captum:<Name>`` bridge."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LinearRegression
+from torch import Tensor, nn
+
+from xailab.errors import ConfigError, UnknownNameError
+from xailab.explain import perturbation as P
+from xailab.explain.base import explain
+from xailab.models import create_model
+
+captum_attr = pytest.importorskip("captum.attr")
+linear_models = pytest.importorskip("captum._utils.models.linear_model")
+
+ZOO = {"mnist_cnn": (1, 28), "simple_cnn": (3, 32)}
+
+
+def calibrated_model(name: str) -> tuple[nn.Module, Tensor]:
+    """A seeded zoo model with BatchNorm statistics from one batch of noise (so logits differ by O(1), an
+    untrained model's barely move), in eval mode, and two fixed random inputs for it."""
+    channels, size = ZOO[name]
+    torch.manual_seed(0)
+    model = create_model(name, channels, 10)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average: one batch gives exactly its statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, channels, size, size))
+    inputs = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+    return model.eval(), inputs
+
+
+@pytest.fixture(scope="module", params=list(ZOO))
+def zoo(request: pytest.FixtureRequest) -> tuple[nn.Module, Tensor]:
+    return calibrated_model(request.param)
+
+
+def replay(rows: Tensor):
+    """A Captum ``perturb_func`` generator yielding our coalitions ``[N, S]`` in order, one ``[1, S]`` each."""
+
+    def generate(_inputs: Tensor, **_kwargs: object) -> Iterator[Tensor]:
+        yield from (row[None].long() for row in rows)
+
+    return generate
+
+
+# --- parity: occlusion -----------------------------------------------------------------------------------
+
+
+def test_occlusion_matches_captum(zoo: tuple[nn.Module, Tensor]) -> None:
+    model, x = zoo
+    target = torch.tensor([3, 7])
+    c = x.shape[1]
+    for window, stride in [((8, 8), (6, 6)), ((7, 9), (5, 7))]:  # both leave cut-off windows
+        ours = explain(
+            model, x, "occlusion", target=target, reduce=None, window=window, stride=stride, baseline=0.5
+        )
+        reference = captum_attr.Occlusion(model).attribute(
+            x,
+            target=target,
+            sliding_window_shapes=(c, *window),
+            strides=(c, *stride),
+            baselines=0.5,
+            perturbations_per_eval=64,
+        )
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+        assert reference.abs().max() > 1e-3  # the comparison is not between two near-zero maps
+
+
+# --- parity: LIME -----------------------------------------------------------------------------------------
+
+
+def test_lime_matches_captum_lime_on_the_same_samples(zoo: tuple[nn.Module, Tensor]) -> None:
+    """Captum's Lime fed our coalitions (perturb_func), our kernel (similarity_func) and sklearn's Ridge
+    (alpha=1, lime_image's) must fit the same coefficients."""
+    model, x = zoo
+    target, n, seed = torch.tensor([2, 5]), 60, 3
+    ours = explain(model, x, "lime", target=target, segments="grid", grid=4, n_samples=n, seed=seed)
+    labels, counts = P.segment_images(x, "grid", grid=4)
+    coalitions = P.lime_coalitions(counts, n, P.seeded_generator(x, seed))
+    background = P.baseline_images(x, "mean")
+    for b in range(len(x)):
+
+        def similarity(_original: Tensor, _perturbed: Tensor, z: Tensor, **_kwargs: object) -> Tensor:
+            return P.lime_weights(z.float()[None], counts[b : b + 1])[0]  # noqa: B023 (used within the iteration)
+
+        lime = captum_attr.Lime(
+            model,
+            interpretable_model=linear_models.SkLearnRidge(alpha=1.0),
+            similarity_func=similarity,
+            perturb_func=replay(coalitions[b]),
+        )
+        reference = lime.attribute(
+            x[b : b + 1],
+            target=target[b : b + 1],
+            baselines=background[b : b + 1],
+            feature_mask=labels[b][None, None],
+            n_samples=n,
+            perturbations_per_eval=64,
+        )
+        torch.testing.assert_close(ours[b : b + 1], reference[:, :1], rtol=1e-4, atol=1e-6)
+        assert reference.abs().max() > 1e-3
+
+
+# --- parity: Kernel SHAP ----------------------------------------------------------------------------------
+
+
+def test_kernel_shap_matches_captum_and_a_float64_reference(zoo: tuple[nn.Module, Tensor]) -> None:
+    """Captum's KernelShap replaying our coalitions (all-ones, all-zeros, then Shapley-kernel sizes) gives
+    the ends weight 1e6 and fits in float32; we impose them as exact constraints. The difference is
+    Captum's float32 rounding: a float64 weighted fit with weight 1e9 matches ours to 1e-6."""
+    model, x = zoo
+    target, n, seed = torch.tensor([1, 8]), 60, 4
+    ours = explain(
+        model,
+        x,
+        "kernel_shap",
+        target=target,
+        segments="grid",
+        grid=4,
+        baseline="zero",
+        n_samples=n,
+        seed=seed,
+    )
+    labels, counts = P.segment_images(x, "grid", grid=4)
+    coalitions = P.shapley_coalitions(counts, n, P.seeded_generator(x, seed))
+    background = P.baseline_images(x, "zero")
+    scores = P.coalition_scores(model, x, target, labels, coalitions, background, 64)
+    for b in range(len(x)):
+        shap = captum_attr.KernelShap(model)
+        shap.perturb_func = replay(coalitions[b])
+        reference = shap.attribute(
+            x[b : b + 1],
+            target=target[b : b + 1],
+            baselines=background[b : b + 1],
+            feature_mask=labels[b][None, None],
+            n_samples=n,
+            perturbations_per_eval=64,
+        )
+        scale = reference.abs().max()
+        assert scale > 1e-3
+        torch.testing.assert_close(ours[b : b + 1], reference[:, :1], rtol=0, atol=float(1e-3 * scale))
+
+        weights = np.ones(n)
+        weights[:2] = 1e9
+        exact = LinearRegression().fit(
+            coalitions[b].double().numpy(), scores[b].double().numpy(), sample_weight=weights
+        )
+        per_segment = [ours[b, 0][labels[b] == segment][0].item() for segment in range(int(counts[b]))]
+        np.testing.assert_allclose(per_segment, exact.coef_, atol=1e-6)
+
+
+# --- the captum:<Name> bridge -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["DeepLift", "GuidedBackprop", "GuidedGradCam", "LayerGradCam"])
+def test_captum_methods_run_through_explain(name: str) -> None:
+    model, x = calibrated_model("mnist_cnn")
+    attribution = explain(model, x, f"captum:{name}", target=3)
+    assert attribution.shape == (2, 1, 28, 28) and attribution.dtype == torch.float32
+    assert torch.isfinite(attribution).all() and attribution.abs().max() > 0
+
+
+def test_captum_guided_grad_cam_uses_the_models_cam_layer() -> None:
+    model, x = calibrated_model("simple_cnn")
+    ours = explain(model, x, "captum:GuidedGradCam", target=4, reduce=None)
+    layer = model.get_submodule(model.cam_layer)
+    torch.testing.assert_close(ours, captum_attr.GuidedGradCam(model, layer).attribute(x, target=4))
+    # a layer attribution comes back summed over the layer's channels and upsampled to the input
+    cam = captum_attr.LayerGradCam(model, layer).attribute(x, target=4)
+    expected = captum_attr.LayerAttribution.interpolate(cam, (32, 32), interpolate_mode="bilinear")
+    torch.testing.assert_close(explain(model, x, "captum:LayerGradCam", target=4), expected)
+    other = explain(model, x, "captum:LayerGradCam", target=4, layer="features.1")
+    assert not torch.allclose(other, expected)
+
+
+def test_captum_bridge_restores_the_models_state() -> None:
+    model, x = calibrated_model("mnist_cnn")
+    model.train()
+    model.classifier.requires_grad_(False)
+    explain(model, x, "captum:GuidedBackprop", target=0)
+    assert model.training and not model.classifier[0].weight.requires_grad
+    assert model.features[0][0].weight.requires_grad
+
+
+def test_unknown_captum_name_suggests_the_closest() -> None:
+    model, x = calibrated_model("mnist_cnn")
+    with pytest.raises(UnknownNameError, match="Did you mean 'DeepLift'"):
+        explain(model, x, "captum:DeepLfit")
+    with pytest.raises(ConfigError, match="NoiseTunnel"):  # in captum.attr, but not built from a model
+        explain(model, x, "captum:NoiseTunnel")
+
+
+def test_missing_captum_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "captum.attr", None)  # makes `import captum.attr` raise ImportError
+    model, x = calibrated_model("mnist_cnn")
+    with pytest.raises(ConfigError, match="pip install captum"):
+        explain(model, x, "captum:DeepLift")

@@ -1,0 +1,203 @@
+"""The explanation contract, for every registered method on every model of the zoo: ``[B, 1, H, W]`` float32
+finite and repeatable maps, the model's modes and ``requires_grad`` flags restored, no hook left behind (also
+when the model raises), no tensors piling up over repeated calls, and helpful errors for unknown names."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from xailab.errors import UnknownNameError
+from xailab.explain import explain, list_methods
+from xailab.models import MODELS, create_model, list_models, model_input_size
+
+NUM_CLASSES = 5
+# keep the many-copies methods cheap: the contract does not depend on how many copies they average
+CHEAP = {
+    "occlusion": {"window": 8, "stride": 8},
+    "integrated_gradients": {"n_steps": 8},
+    "smoothgrad": {"n_samples": 16},
+    "lime": {"n_samples": 16, "segments": "grid"},
+    "kernel_shap": {"n_samples": 16, "segments": "grid"},
+    "rise": {"n_masks": 16},
+}
+# on 224x224 models only the two fundamental methods run, one image at a time
+LARGE_METHODS = ("saliency", "gradcam")
+# Score-CAM runs one forward pass per channel of the layer (up to 1280 here): one image, one call (its
+# repeatability is checked on a small model in test_explain_cam)
+PER_CHANNEL_METHODS = ("score_cam",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread: tiny batches gain nothing from more, and the machine may be busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def is_large(name: str) -> bool:
+    return model_input_size(name)[0] > 64
+
+
+def build(name: str, in_channels: int = 3, size: int | None = None) -> nn.Module:
+    """A randomly initialised zoo model (no ImageNet files needed) for ``size`` x ``size`` inputs."""
+    options = {}
+    parameters = inspect.signature(MODELS.get(name).factory).parameters
+    if "pretrained" in parameters:
+        options["pretrained"] = False
+    if "image_size" in parameters and size is not None:
+        options["image_size"] = size
+    torch.manual_seed(0)
+    return create_model(name, in_channels, NUM_CLASSES, **options)
+
+
+def cases() -> list[tuple[str, str]]:
+    return [
+        (model, method)
+        for model in list_models()
+        for method in list_methods()
+        if not is_large(model) or method in LARGE_METHODS
+    ]
+
+
+def hooks_left(model: nn.Module) -> list[str]:
+    """Names of the modules that still carry a forward, forward-pre, backward or backward-pre hook, plus
+    any global module hook."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    left = [
+        f"{name or 'model'}.{kind}" for name, m in model.named_modules() for kind in kinds if getattr(m, kind)
+    ]
+    module = torch.nn.modules.module
+    global_kinds = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return left + [kind for kind in global_kinds if getattr(module, kind, None)]
+
+
+def state(model: nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
+    """Every module's training flag and every parameter's ``requires_grad``."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    return modes, flags
+
+
+def live_tensors() -> int:
+    gc.collect()
+    # type() rather than isinstance: some lazily deprecated torch objects warn when asked for __class__
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), Tensor))
+
+
+@pytest.mark.parametrize(("model_name", "method"), cases())
+def test_contract(model_name, method):
+    height, width = model_input_size(model_name)
+    channels = 1 if model_name == "mnist_cnn" else 3
+    model = build(model_name, channels)
+    batch = 1 if is_large(model_name) or method in PER_CHANNEL_METHODS else 2
+    inputs = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(0))
+    target = torch.arange(batch) % NUM_CLASSES
+    model.train()
+    first = next(model.parameters())
+    first.requires_grad_(not first.requires_grad)  # a mix of flags to restore, not all True
+    before = state(model)
+    params = CHEAP.get(method, {})
+
+    maps = explain(model, inputs, method, target, **params)
+
+    assert maps.shape == (batch, 1, height, width)
+    assert maps.dtype == torch.float32
+    assert maps.device == inputs.device
+    assert torch.isfinite(maps).all()
+    assert not maps.requires_grad
+    assert state(model) == before
+    assert hooks_left(model) == []
+    if method not in PER_CHANNEL_METHODS:
+        torch.testing.assert_close(explain(model, inputs, method, target, **params), maps, rtol=0, atol=0)
+
+
+class TinyCNN(nn.Module):
+    """Two 3x3 convs and a linear head on 8x8 images; ``explode`` makes forward raise after the convs ran."""
+
+    cam_layer = "conv2"
+
+    def __init__(self, in_channels: int = 3, explode: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, NUM_CLASSES)
+        self.explode = explode
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+        if self.explode:
+            raise RuntimeError("exploded in forward")
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class TinyCNNWithoutCamLayer(TinyCNN):
+    """The same without ``cam_layer``: the class activation maps find their layer with a forward pass."""
+
+    cam_layer = None
+
+
+@pytest.mark.parametrize("model_class", [TinyCNN, TinyCNNWithoutCamLayer])
+@pytest.mark.parametrize("method", list_methods())
+def test_state_is_restored_and_no_hook_survives_an_exception(model_class, method):
+    model = model_class(explode=True)
+    model.train()
+    model.conv1.weight.requires_grad_(False)
+    before = state(model)
+    with pytest.raises(RuntimeError, match="exploded in forward"):
+        explain(model, torch.randn(2, 3, 8, 8), method, target=1, **CHEAP.get(method, {}))
+    assert state(model) == before
+    assert hooks_left(model) == []
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_no_tensors_pile_up_over_repeated_calls(method):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    inputs = torch.randn(2, 3, 8, 8)
+    params = CHEAP.get(method, {})
+    explain(model, inputs, method, **params)  # first call: lazily created state (e.g. kernels) may stay
+    before = live_tensors()
+    for _ in range(50):
+        explain(model, inputs, method, **params)
+    assert live_tensors() <= before
+
+
+@pytest.mark.parametrize("model_name", [name for name in list_models() if not is_large(name)])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [28, 32])
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "gradcam"])
+def test_gray_and_color_inputs_at_28_and_32(model_name, channels, size, method):
+    model = build(model_name, channels, size)
+    inputs = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+    maps = explain(model, inputs, method, **CHEAP.get(method, {}))
+    assert maps.shape == (2, 1, size, size)
+    assert torch.isfinite(maps).all()
+    if method != "gradcam":  # a ReLU'd class activation map may legitimately be all zero
+        assert maps.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_reduce_none_returns_a_per_channel_map_or_a_single_one(method):
+    model = TinyCNN()
+    inputs = torch.randn(2, 3, 8, 8)
+    maps = explain(model, inputs, method, target=0, reduce=None, **CHEAP.get(method, {}))
+    assert maps.shape[0] == 2 and maps.shape[1] in (1, 3) and maps.shape[2:] == (8, 8)
+
+
+def test_unknown_method_suggests_the_nearest_name():
+    with pytest.raises(UnknownNameError, match="'gradcam'") as error:
+        explain(TinyCNN(), torch.randn(1, 3, 8, 8), "gradcan")
+    assert "Did you mean" in str(error.value)
