@@ -3,7 +3,8 @@
 - limit: the fastest bare forward + backward + optimiser step on preloaded, pre-normalised tensors
   (fp32 NCHW, fp32 channels_last, and bf16 autocast + channels_last where the processor runs bf16 natively),
   the fastest of three rounds.
-- xailab: ``xailab.train`` (fast mode: precision=auto + channels_last; exact mode: fp32 NCHW), images/s of
+- xailab: ``xailab.train`` (fast mode: the defaults, precision=auto and channels_last where it pays; exact
+  mode: fp32 NCHW), images/s of
   its fastest epoch after the first, augmentation included.
 - seed-style: a per-sample ``Dataset`` with per-sample transforms through a ``DataLoader``, fp32 NCHW,
   ``loss.item()`` every step — the loop of the seed projects.

@@ -52,7 +52,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = _opt(
         "auto", "auto: bf16 autocast where the hardware runs it natively"
     )
-    channels_last: bool = _opt(True, "channels_last memory format (faster convolutions)")
+    channels_last: bool | None = _opt(
+        None, "channels_last memory format; default: on with CUDA or native bf16"
+    )
     compile: bool = _opt(False, "torch.compile the model")
     deterministic: bool = _opt(False, "deterministic algorithms (bit-exact reruns)")
     seed: int = _opt(0, "seed of initialisation, split, data order and augmentation")

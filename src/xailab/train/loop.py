@@ -237,6 +237,13 @@ def _train(
 ) -> Run:
     device = resolve_device(config.device)
     dtype = autocast_dtype(config.precision, device)
+    # channels_last pays off where convolutions run on tensor cores or bf16 units; on an AVX2 CPU it measured
+    # no faster (docs/benchmarks.md), and its BatchNorm is slower.
+    channels_last = (
+        config.channels_last
+        if config.channels_last is not None
+        else (device.type == "cuda" or dtype is not None)
+    )
     torch.manual_seed(config.seed)  # model initialisation and dropout
     # Data order and augmentation draw on the training device, so no host->device copy waits per step.
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -261,7 +268,7 @@ def _train(
     k = dataset.num_classes
 
     model = create_model(config.model, in_channels=dataset.channels, num_classes=k, **config.model_options)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
@@ -370,7 +377,7 @@ def _train(
             if config.augment:
                 xb = augment_batch(xb, dataset.augment, generator)
             x = to_model_input(xb, mean, std)
-            if not config.channels_last:
+            if not channels_last:
                 x = x.contiguous()
             with autocast(device, dtype):
                 logits = step_fn(x)
@@ -411,7 +418,7 @@ def _train(
                 dataset.std,
                 config.eval_batch_size,
                 dtype,
-                config.channels_last,
+                channels_last,
             )
             row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(logits_val, val_set.labels)
         history.append(row)
@@ -463,7 +470,7 @@ def _train(
             dataset.std,
             config.eval_batch_size,
             dtype,
-            config.channels_last,
+            channels_last,
         )
         metrics["test"] = classification_metrics(logits, test_set.labels, dataset.class_names)
         predictions_csv(run_dir / "predictions.csv", logits, test_set.labels, dataset.class_names)
