@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +20,13 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared dataset folder {path} is absent (set XAILAB_DATA_DIR to a copy of it)")
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module: small batches gain nothing from more, and on a busy machine the
+    thread barriers between small ops (e.g. DenseNet's) dominate. Use with ``pytest.mark.usefixtures``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,7 @@ from xailab.explain import explain
 from xailab.explain.cam import capture_activation, find_cam_layer, gradcam, gradcam_plus_plus, score_cam
 from xailab.models import create_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: tiny batches gain nothing from more, and the machine may be busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class OneConv(nn.Module):

@@ -32,13 +32,7 @@ LARGE_METHODS = ("saliency", "gradcam")
 PER_CHANNEL_METHODS = ("score_cam",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: tiny batches gain nothing from more, and the machine may be busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def is_large(name: str) -> bool:

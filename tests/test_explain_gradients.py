@@ -25,16 +25,10 @@ from xailab.models import create_model
 
 NUM_CLASSES = 10
 # Captum warns that it sets requires_grad on the inputs it is given; that is what it is asked to do here
-pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: tiny batches gain nothing from more, and the machine may be busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients"),
+    pytest.mark.usefixtures("single_thread"),
+]
 
 
 def zoo_model(name: str, in_channels: int) -> nn.Module:

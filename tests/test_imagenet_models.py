@@ -16,13 +16,7 @@ from xailab.models import count_parameters, create_model
 Shapes = dict[str, tuple[int, ...]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: on a busy machine the thread barriers between DenseNet's small ops dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def bn(prefix: str, c: int) -> Shapes:

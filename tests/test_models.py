@@ -33,14 +33,7 @@ def build(name: str, in_channels: int = 3, num_classes: int = NUM_CLASSES, **opt
     return create_model(name, in_channels, num_classes, **options)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: these tiny batches gain nothing from more, and on a busy machine the thread
-    barriers between DenseNet's hundreds of small ops slow it down a hundredfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
