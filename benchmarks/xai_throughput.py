@@ -1,8 +1,8 @@
 """Explanation throughput: xailab vs Captum, lime_image and shap, and vs the limit, same model, inputs and
 hyper-parameters, one run.
 
-For each method: explanations per second of ``xailab.explain`` (its defaults: chunks of 256 images for
-gradient methods, 512 for perturbation methods) and of each peer that offers the method (fp32 NCHW, as they
+For each method: explanations per second of ``xailab.explain`` (its defaults: ``default_batch_size``, on a
+CPU chunks of 256 images of 32x32 with gradients, 128 without) and of each peer that offers the method (fp32 NCHW, as they
 run by default), the speed-up, and how close the outputs are:
 
 - max |difference| of the [B, 1, H, W] maps where the computation is the same (saliency, input x gradient,
@@ -25,9 +25,10 @@ random methods the column also gives xailab's own seed-0-vs-seed-1 rank correlat
 
 The limit of a method is the time of the bare passes it cannot avoid: N forward+backward passes for
 saliency / input x gradient / Grad-CAM, n_steps * N for integrated gradients, n_samples * N for SmoothGrad
-(``model(x).gather(1, t).sum().backward()`` on batches of 256), and the forward passes of the perturbed
-images for occlusion, LIME and Kernel SHAP (``no_grad`` batches of 512). Those rates are measured on the same
-model in the same run (the best of 3 rounds) and the limit is the number of passes divided by the rate.
+(``model(x).gather(1, t).sum().backward()``), and the forward passes of the perturbed images for occlusion,
+LIME and Kernel SHAP (``no_grad``). Those rates are measured on the same model in the same run, for batches
+of 32 to 512 images (the best of 3 rounds each); the limit is the number of passes divided by the fastest
+rate, whatever its batch.
 ``.backward()`` also computes the weights' gradients, which an explanation does not need, so gradient
 methods also get the ratio to forward passes + ``torch.autograd.grad`` w.r.t. the input only (in brackets).
 
@@ -68,7 +69,7 @@ N_SAMPLES = 500  # LIME, Kernel SHAP, shap max_evals
 GRID = 7  # grid segments for LIME / Kernel SHAP
 PEER_BATCH = 256  # images per pass given to the peers' batching options
 PEER_PPE = 64  # Captum Lime / KernelShap perturbations_per_eval (one image at a time)
-FWD_BATCH, FB_BATCH = 512, 256  # batches of the bare passes of the limit
+LIMIT_BATCHES = (32, 64, 128, 256, 512)  # the limit is the fastest of these batches for each kind of pass
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,33 +114,40 @@ def rank_text(a: Tensor, b: Tensor) -> str:
     return f"rank corr {spearman(a, b):.3f}{note}"
 
 
-def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> tuple[float, float, float]:
-    """Images/s of bare ``no_grad`` forward passes (batches of 512) and of forward+backward passes of the
-    target logits (batches of 256) on copies of ``x``, the best of 3 rounds after a warm-up."""
-    reps = -(-FWD_BATCH // len(x))
-    xf, tf = x.repeat(reps, 1, 1, 1)[:FWD_BATCH].contiguous(), target.repeat(reps)[:FWD_BATCH]
-    xb, tb = xf[:FB_BATCH].clone(), tf[:FB_BATCH]
+def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> dict[str, tuple[float, int, str]]:
+    """The fastest rate (images/s), its batch and the whole sweep of the bare passes on copies of ``x``:
+    ``forward`` (``no_grad``), ``forward_backward`` (target logits' ``.backward()``) and ``input_gradient``
+    (``torch.autograd.grad`` w.r.t. the input only), each the best of 3 rounds per batch after a warm-up."""
 
-    def forward():
+    def forward(xs, ts):
         with torch.no_grad():
-            model(xf)
+            model(xs)
 
-    def forward_backward():
-        inp = xb.detach().requires_grad_(True)
-        model(inp).gather(1, tb[:, None]).sum().backward()
+    def forward_backward(xs, ts):
+        inp = xs.detach().requires_grad_(True)
+        model(inp).gather(1, ts[:, None]).sum().backward()
 
-    def input_gradient():
-        inp = xb.detach().requires_grad_(True)
-        torch.autograd.grad(model(inp).gather(1, tb[:, None]).sum(), inp)
+    def input_gradient(xs, ts):
+        inp = xs.detach().requires_grad_(True)
+        torch.autograd.grad(model(inp).gather(1, ts[:, None]).sum(), inp)
 
-    forward()
-    forward_backward()
-    input_gradient()
-    fwd, _ = timed(forward, min_time=float("inf"), max_rounds=3)
-    fb, _ = timed(forward_backward, min_time=float("inf"), max_rounds=3)
-    fb_input, _ = timed(input_gradient, min_time=float("inf"), max_rounds=3)
+    rates = {}
+    for name, fn in (
+        ("forward", forward),
+        ("forward_backward", forward_backward),
+        ("input_gradient", input_gradient),
+    ):
+        sweep = {}
+        for batch in LIMIT_BATCHES:
+            reps = -(-batch // len(x))
+            xs, ts = x.repeat(reps, 1, 1, 1)[:batch].contiguous(), target.repeat(reps)[:batch]
+            fn(xs, ts)
+            seconds, _ = timed(lambda xs=xs, ts=ts, fn=fn: fn(xs, ts), min_time=float("inf"), max_rounds=3)
+            sweep[batch] = batch / seconds
+        best = max(sweep, key=sweep.__getitem__)
+        rates[name] = (sweep[best], best, ", ".join(f"{k}: {v:.1f}" for k, v in sweep.items()))
     model.zero_grad(set_to_none=True)
-    return FWD_BATCH / fwd, FB_BATCH / fb, FB_BATCH / fb_input
+    return rates
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,20 +355,10 @@ def bench_model(model_name: str, args) -> None:
     )
 
     print(f"\n### {model_name} ({how}), {b} test images {c}x{h}x{w}; perturbation methods on {k} images")
-    fwd_rate, fb_rate, input_rate = bare_rates(model, x, t)
-    sweep = []
-    for batch in (64, 256):  # the limit's batch of 512 is not always the fastest on a CPU: show the others
-        xs = x.repeat(-(-batch // b), 1, 1, 1)[:batch].contiguous()
-        with torch.no_grad():
-            model(xs)
-            seconds, _ = timed(lambda xs=xs: model(xs), min_time=float("inf"), max_rounds=3)
-        sweep.append(f"batch {batch}: {batch / seconds:.1f}")
-    print(f"bare no_grad forward img/s by batch: {', '.join(sweep)}, batch {FWD_BATCH}: {fwd_rate:.1f}")
-    print(
-        f"bare passes: forward {fwd_rate:.1f} img/s (no_grad, batch {FWD_BATCH}); forward+backward "
-        f"{fb_rate:.1f} img/s (batch {FB_BATCH}, .backward()); forward + input gradient only "
-        f"{input_rate:.1f} img/s (batch {FB_BATCH}, autograd.grad w.r.t. the input)"
-    )
+    rates = bare_rates(model, x, t)
+    (fwd_rate, _, _), (fb_rate, _, _), (input_rate, _, _) = rates.values()
+    for name, (rate, batch, sweep) in rates.items():
+        print(f"bare {name} img/s by batch: {sweep} -> limit {rate:.1f} at batch {batch}")
 
     # method -> (xailab params, images, bare passes: (forward images, forward+backward images), comparison)
     methods = {

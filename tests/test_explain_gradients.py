@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from xailab.errors import ConfigError
 from xailab.explain import explain
+from xailab.explain.base import default_batch_size
 from xailab.explain.gradients import (
     IG_METHODS,
-    default_batch_size,
     gaussian_blur,
     input_x_gradient,
     integrated_gradients,
@@ -265,10 +265,15 @@ def test_gradients_are_computed_under_no_grad():
     assert maps.abs().sum() > 0
 
 
-def test_default_batch_size_scales_with_pixels():
-    assert default_batch_size(torch.empty(1, 3, 28, 28)) == 256
-    assert default_batch_size(torch.empty(1, 3, 64, 64)) == 256
-    assert default_batch_size(torch.empty(1, 3, 224, 224)) == 20
+def test_default_batch_size_scales_with_pixels_and_is_smaller_without_the_accelerator():
+    assert default_batch_size(torch.empty(1, 3, 28, 28), grad=True) == 256
+    assert default_batch_size(torch.empty(1, 3, 64, 64), grad=True) == 256
+    assert default_batch_size(torch.empty(1, 3, 224, 224), grad=True) == 20
+    assert default_batch_size(torch.empty(1, 3, 32, 32), grad=False) == 128
+    assert default_batch_size(torch.empty(1, 3, 224, 224), grad=False) == 2
+    meta = torch.empty(1, 3, 224, 224, device="meta")  # any non-CPU device counts as an accelerator
+    assert default_batch_size(meta, grad=False) == 41
+    assert default_batch_size(meta, grad=True) == 41
 
 
 @pytest.mark.parametrize(

@@ -202,3 +202,13 @@ def test_keras_l2_is_added_to_the_loss(tmp_path):
 def test_unknown_model_suggests_the_nearest(tmp_path, digits):
     with pytest.raises(Exception, match="mnist_cnn"):
         train(small(model="mnist_cn"), out_dir=tmp_path, dataset=digits, progress=False)
+
+
+def test_a_size_dependent_model_is_built_for_the_run_image_size_and_reloads(tmp_path):
+    # keras_cnn's dense layer depends on the input size: a 16x16 run must build (and reload) the 16x16 model
+    config = TrainConfig(model="keras_cnn", dataset="digits", image_size=16, epochs=1, batch_size=64)
+    run = train(config, out_dir=tmp_path, name="k16")
+    assert run.model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    reloaded = load_run(tmp_path / "k16")
+    x = torch.zeros(2, 1, 16, 16)
+    assert reloaded.model(x).shape == (2, 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,30 +11,42 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xailab.data import list_datasets, load_dataset
-from xailab.data.transforms import resize_uint8, to_channels
+from xailab.data import Dataset, list_datasets, load_dataset
+from xailab.data.transforms import resize_uint8, to_channels, to_model_input
 from xailab.errors import ConfigError, DatasetError
 from xailab.explain import METHODS, explain, list_methods
 from xailab.explain.export import explain_to_disk
+from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
+from xailab.metrics.assess import assess_explanations
 from xailab.models import create_model, list_models, model_input_size, random_init_options
+from xailab.study import list_studies, run_study
 from xailab.train import Run, TrainConfig, classification_metrics, list_runs, load_run, predict_logits, train
 
 __all__ = [
     "Run",
     "TrainConfig",
+    "assess_run",
+    "class_probabilities",
     "create_model",
+    "decode_image",
     "evaluate",
+    "evaluate_explanations",
     "explain",
+    "explain_images",
     "explain_run",
     "explain_untrained",
     "list_datasets",
     "list_methods",
+    "list_metrics",
     "list_models",
     "list_runs",
+    "list_studies",
     "load_dataset",
     "load_run",
     "predict",
     "read_images",
+    "run_dataset",
+    "run_study",
     "train",
 ]
 
@@ -47,8 +60,16 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a trained run on a split of its dataset (accuracy, macro-F1, confusion matrix, ...)."""
     run = _as_run(run)
+    split_set = run_dataset(run, data_dir, dataset_root)[split]
+    logits = predict_logits(run.model, split_set.images, run.mean, run.std, run.config.eval_batch_size)
+    return classification_metrics(logits, split_set.labels, run.class_names)
+
+
+def run_dataset(run: Run, data_dir: str | None = None, dataset_root: str | None = None) -> Dataset:
+    """The dataset a run was trained on, at the run's image size and channels (``data_dir`` and
+    ``dataset_root`` override where the run found it, e.g. on another machine)."""
     cfg = run.config
-    ds = load_dataset(
+    return load_dataset(
         cfg.dataset,
         data_dir=data_dir or cfg.data_dir,
         root=dataset_root or cfg.dataset_root,
@@ -56,9 +77,6 @@ def evaluate(
         channels=run.channels,
         **cfg.dataset_options,
     )
-    split_set = ds[split]
-    logits = predict_logits(run.model, split_set.images, run.mean, run.std, cfg.eval_batch_size)
-    return classification_metrics(logits, split_set.labels, run.class_names)
 
 
 def read_images(paths: Sequence[str | Path], image_size: tuple[int, int], channels: int) -> torch.Tensor:
@@ -78,19 +96,93 @@ def read_images(paths: Sequence[str | Path], image_size: tuple[int, int], channe
     return torch.stack(arrays) if arrays else torch.empty(0, *image_size, channels, dtype=torch.uint8)
 
 
+# Formats a server accepts from strangers: the common ones, so Pillow's rarer parsers never see uploads.
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+MAX_UPLOAD_PIXELS = 25_000_000  # 5000x5000; below Pillow's own bomb warning (~89M pixels)
+
+
+def decode_image(
+    data: bytes,
+    image_size: tuple[int, int],
+    channels: int,
+    max_pixels: int = MAX_UPLOAD_PIXELS,
+    name: str = "upload",
+) -> torch.Tensor:
+    """Decode image bytes into uint8 ``[1, H, W, C]`` at ``image_size`` ``(H, W)`` with ``channels`` channels.
+
+    The format is sniffed from the content by Pillow (never from a file name) among ``UPLOAD_FORMATS``; the
+    pixel count is checked from the header before any pixel is decoded, so a decompression bomb costs nothing.
+    Bad input raises ``DatasetError`` naming ``name`` and what is wrong.
+    """
+    if not data:
+        raise DatasetError(f"{name}: the file is empty; send a PNG, JPEG, BMP, GIF, TIFF or WebP image")
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
+            w, h = im.size
+            if w * h > max_pixels or w < 1 or h < 1:
+                raise DatasetError(
+                    f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+                    "send a smaller image"
+                )
+            im = im.convert("L" if channels == 1 else "RGB")
+            # Shrink big images by an integer factor first (cheap box filter, keeps the aspect), so the
+            # antialiased resize below works on a small float copy.
+            factor = min(w // (2 * image_size[1]), h // (2 * image_size[0]))
+            if factor >= 2:
+                im = im.reduce(factor)
+            arr = np.asarray(im)
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{name}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise DatasetError(
+            f"{name}: not an image: its content is none of PNG, JPEG, BMP, GIF, TIFF or WebP"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, unsupported pixel mode
+        raise DatasetError(f"{name}: a corrupt or unsupported image ({type(e).__name__}: {e})") from None
+    x = torch.from_numpy(arr.copy()).reshape(1, arr.shape[0], arr.shape[1], channels)
+    return resize_uint8(x, image_size)
+
+
+def class_probabilities(run: Run | str | Path, images: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities ``[N, K]`` (on the model's device) for uint8 images ``[N, H, W, C]``, resized and
+    converted to the run's input size and channels."""
+    run = _as_run(run)
+    x = to_channels(resize_uint8(images, run.image_size), run.channels)
+    return predict_logits(run.model, x, run.mean, run.std).softmax(1)
+
+
 def predict(
     run: Run | str | Path, images: Sequence[str | Path] | torch.Tensor, top_k: int = 3
 ) -> list[list[tuple[str, float]]]:
     """Top-``k`` (class name, probability) for each image file (or uint8 ``[N, H, W, C]`` tensor)."""
     run = _as_run(run)
     x = images if isinstance(images, torch.Tensor) else read_images(images, run.image_size, run.channels)
-    x = to_channels(resize_uint8(x, run.image_size), run.channels)
-    probs = predict_logits(run.model, x, run.mean, run.std).softmax(1)
+    probs = class_probabilities(run, x)
     p, idx = probs.topk(min(top_k, probs.shape[1]), dim=1)
     return [
         [(run.class_names[c], float(q)) for c, q in zip(ci.tolist(), pi.tolist(), strict=True)]
         for ci, pi in zip(idx, p, strict=True)
     ]
+
+
+def explain_images(
+    run: Run,
+    images: torch.Tensor,
+    method: str,
+    target: int | torch.Tensor | None = None,
+    model: torch.nn.Module | None = None,
+    **params: Any,
+) -> torch.Tensor:
+    """Attribution maps ``[N, 1, H, W]`` of ``method`` for uint8 images ``[N, H, W, C]`` already at the run's
+    size and channels (e.g. from ``decode_image``), normalised as the run's model expects.
+
+    ``model``: the run's model by default; a server passes a private copy so that explanation hooks never
+    touch the copy answering predictions. ``target``: class index (default: the predicted class).
+    """
+    net = run.model if model is None else model
+    device = next(net.parameters()).device
+    x = to_model_input(images.to(device), run.mean, run.std)
+    return explain(net, x, method, target=target, **params)
 
 
 def _method_list(methods: Sequence[str] | None) -> list[str]:
@@ -123,16 +215,7 @@ def explain_run(
         images = read_images(image_files, run.image_size, run.channels)
         names = [Path(f).name for f in image_files]
     else:
-        cfg = run.config
-        ds = load_dataset(
-            cfg.dataset,
-            data_dir=data_dir or cfg.data_dir,
-            root=cfg.dataset_root,
-            image_size=run.image_size,
-            channels=run.channels,
-            **cfg.dataset_options,
-        )
-        split_set = ds[split]
+        split_set = run_dataset(run, data_dir)[split]
         images, labels = split_set.images[:n], split_set.labels[:n]
         names = [f"{split}-{i}" for i in range(images.shape[0])]
     return explain_to_disk(
@@ -146,6 +229,43 @@ def explain_run(
         labels=labels,
         names=names,
         batch_size=batch_size,
+    )
+
+
+def assess_run(
+    run: Run | str | Path,
+    out_dir: str | Path,
+    methods: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    n: int = 256,
+    split: str = "test",
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **params,
+) -> dict[str, Any]:
+    """Score the explanations of a run's predictions on the first ``n`` images of ``split`` by every method
+    in ``methods`` (default: all) and metric in ``metrics`` (default: ``DEFAULT_METRICS`` plus the
+    model-randomisation sanity check), writing tables and figures to ``out_dir`` (see
+    ``xailab.metrics.assess``). ``params`` go to the metrics that take them. Returns the summary."""
+    if n < 1:
+        raise ConfigError(f"n must be at least 1, got {n}")
+    chosen = _method_list(methods)
+    run = _as_run(run, device=device)
+    images = run_dataset(run, data_dir)[split].images[:n]
+    inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
+    return assess_explanations(
+        run.model,
+        inputs,
+        None,
+        chosen,
+        out_dir,
+        metrics=list(metrics) if metrics else [*DEFAULT_METRICS, "model_randomisation"],
+        model_name=run.name,
+        batch_size=batch_size,
+        seed=seed,
+        **params,
     )
 
 

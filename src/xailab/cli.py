@@ -16,7 +16,8 @@ import yaml
 from xailab import api
 from xailab.config import read_config_file
 from xailab.errors import ConfigError, XailabError
-from xailab.train import TrainConfig
+from xailab.study import EXECUTORS, TRACKERS
+from xailab.train import TrainConfig, distributed
 from xailab.train.runs import read_run_config
 
 
@@ -100,12 +101,16 @@ def _train_config(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.devices != 1 and not distributed.launched_by_torchrun():
+        return distributed.launch(args.argv, args.devices)  # each rank runs this same command
     data, resume_dir = _train_config(args)
     config = TrainConfig.from_dict(data)
     if resume_dir is not None:
         run = api.train(config, out_dir=resume_dir.parent, name=resume_dir.name, resume=True)
     else:
         run = api.train(config, out_dir=args.out, name=args.name)
+    if not distributed.is_main_process():
+        return 0  # rank 0 reports
     test = run.metrics.get("test", {})
     print(f"run: {run.path}")
     if test:
@@ -194,6 +199,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of names, or None when not given."""
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
+def cmd_assess(args: argparse.Namespace) -> int:
+    report = api.assess_run(
+        args.run,
+        args.out,
+        methods=_names(args.methods),
+        metrics=_names(args.metrics),
+        n=args.n,
+        split=args.split,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    rows = [
+        {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items() if k != "model"}
+        for r in report["scores"]
+    ]
+    print(_table(rows, ["method", "metric", "mean", "ci_low", "ci_high", "n", "better"]))
+    print(f"assessment: {args.out}/ (scores.csv, scores.json, per_image.csv, figures)")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     rows = api.list_runs(args.out)
     if not rows:
@@ -203,6 +234,51 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if r["test_accuracy"] is not None:
             r["test_accuracy"] = f"{r['test_accuracy']:.4f}"
     print(_table(rows, ["run", "model", "dataset", "status", "epochs", "test_accuracy"]))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # the serve extra: imported only when serving
+        import uvicorn
+
+        from xailab.web import create_app
+    except ImportError as e:
+        raise ConfigError(f"xailab serve needs the serve extra ({e}): pip install 'xailab[serve]'") from None
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"xailab: serving on {args.host}: anyone who can reach this address can use the app",
+            file=sys.stderr,
+        )
+    app = create_app(
+        args.runs,
+        data_dir=args.data_dir,
+        device=args.device,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+    )
+    print(f"xailab: serving the runs under {args.runs}/ at http://{args.host}:{args.port}/ (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in api.list_studies():
+            print(name)
+        return 0
+    import shlex
+
+    report = api.run_study(
+        args.study,
+        out=args.out,
+        executor=args.executor,
+        address=args.address,
+        tracking=args.tracking,
+        tracking_uri=args.tracking_uri,
+        data_dir=args.data_dir,
+        command=shlex.join(["xailab", *args.argv]),
+    )
+    print(f"report: {report} (and results.csv, results.md next to it)")
     return 0
 
 
@@ -220,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="folder holding the runs (default: runs)")
     p.add_argument("--name", help="run name (default: <model>__<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel over N processes on this machine (one per GPU, or N CPU processes on gloo): "
+        "launches torchrun; --batch-size is the global batch (default: 1)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list the models with parameters and multiply-accumulates")
@@ -259,14 +343,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("assess", help="score a run's explanations: faithfulness, robustness, sanity checks")
+    p.add_argument("run", help="run folder, e.g. runs/mnist_cnn__mnist")
+    p.add_argument(
+        "--methods",
+        help="comma-separated method names (default: all); one of: " + ", ".join(api.list_methods()),
+    )
+    p.add_argument(
+        "--metrics",
+        help="comma-separated metric names (default: "
+        + ",".join([*api.DEFAULT_METRICS, "model_randomisation"])
+        + "); one of: "
+        + ", ".join(api.list_metrics()),
+    )
+    p.add_argument("--n", type=int, default=256, help="number of test images (default: 256)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default="assessment", help="output folder (default: assessment)")
+    p.add_argument("--batch-size", type=int, default=64, help="images explained per call (default: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_assess)
+
+    p = sub.add_parser(
+        "run", help="run a study (default: quick) and write its report to <out>/<study>/report.html"
+    )
+    p.add_argument(
+        "study", nargs="?", default="quick", help="a bundled study name or a .yaml/.toml study file"
+    )
+    p.add_argument("--out", default="runs", help="folder holding the studies (default: runs)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS.names(), help="where cells run")
+    p.add_argument("--address", help="with --executor ray: the Ray cluster (default: a local one)")
+    p.add_argument("--tracking", choices=TRACKERS.names(), help="log params, metrics, models and the report")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a file store <out>/mlruns)")
+    p.add_argument("--data-dir", help="folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
+    p.add_argument("--list", action="store_true", help="list the bundled studies and exit")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("runs", help="list the runs")
     p.add_argument("--out", default="runs")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("serve", help="the web app and inference API over the runs (http://127.0.0.1:8000/)")
+    p.add_argument("--runs", default="runs", help="folder holding the runs and study reports (default: runs)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--data-dir", help="datasets folder for the test-set samples (default: $XAILAB_DATA_DIR)")
+    p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload (default: 10)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --devices N` relaunches the same command under torchrun
     try:
         return args.func(args)
     except XailabError as e:
@@ -274,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "\nxailab: interrupted. A training run continues with `xailab train --resume runs/<name>`.",
+            "\nxailab: interrupted. A training run continues with `xailab train --resume runs/<name>`, "
+            "a study with the same `xailab run` command.",
             file=sys.stderr,
         )
         return 130

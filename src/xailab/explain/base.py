@@ -59,6 +59,31 @@ def register_method(
     return add
 
 
+# Images per chunk, as (pixel budget, cap). On a CPU the throughput of a batch falls once its activations
+# outgrow the caches (measured on a 2-core AVX2 EPYC: mnist_cnn forwards 1,981 img/s at 64, 904 at 512), so
+# CPU chunks are moderate; accelerators want large batches to hide per-call overhead. Backward passes keep
+# every activation, so with gradients the budget counts fewer pixels per image. A 224x224 DenseNet-169 gets
+# 2 images per no-grad chunk on a CPU and 41 on a GPU, which keeps lime with n_samples=1000 far from OOM.
+_CHUNK_BUDGETS = {
+    ("cpu", False): (128 * 32 * 32, 128),
+    ("cpu", True): (256 * 64 * 64, 256),
+    ("accelerator", False): (2048 * 32 * 32, 2048),
+    ("accelerator", True): (512 * 64 * 64, 512),
+}
+
+
+def default_batch_size(inputs: Tensor, grad: bool) -> int:
+    """Images per chunk of perturbed or interpolated copies of ``inputs`` ``[B, C, H, W]`` sent through the
+    model at once: forward only (``grad=False``) or forward and backward (``grad=True``).
+
+    Scaled by the image size so that a chunk's memory stays roughly constant, larger on accelerators. Every
+    method takes ``internal_batch_size`` to override it.
+    """
+    kind = "cpu" if inputs.device.type == "cpu" else "accelerator"
+    pixels, cap = _CHUNK_BUDGETS[(kind, grad)]
+    return max(1, min(cap, pixels // (inputs.shape[-2] * inputs.shape[-1])))
+
+
 def list_methods() -> list[str]:
     """Names of every registered explanation method."""
     return METHODS.names()
@@ -93,6 +118,32 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def autocast_forward(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """Run ``model``'s forward under ``dtype`` autocast for the block, its logits returned as float32.
+
+    Only the model is autocast, not the method's own arithmetic (kernels, regressions, normalisation), which
+    stays float32. The instance's ``forward`` is swapped for the block, so hooks on submodules and module
+    paths (Grad-CAM layers) are unchanged; the original is restored also when the block raises.
+    """
+    device_type = next(model.parameters()).device.type
+    had_own = "forward" in vars(model)
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return original(*args, **kwargs).float()
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        if had_own:
+            model.forward = original
+        else:
+            del model.forward
+
+
 def resolve_target(model: nn.Module, inputs: Tensor, target: int | Tensor | None) -> Tensor:
     """``target`` as a ``[B]`` long tensor on the inputs' device; None means the predicted class."""
     b = inputs.shape[0]
@@ -120,6 +171,7 @@ def explain(
     method: str,
     target: int | Tensor | None = None,
     reduce: Reduction | Literal["default"] | None = "default",
+    precision: Literal["fp32", "bf16"] = "fp32",
     **params,
 ) -> Tensor:
     """Attribution maps of ``model``'s ``target`` logit for ``inputs`` ``[B, C, H, W]`` (already normalised as
@@ -128,14 +180,21 @@ def explain(
     Returns float32 ``[B, 1, H, W]`` on the model's device (``reduce=None`` returns the per-channel
     ``[B, C, H, W]`` map of methods that have one). ``params`` go to the method; unknown names raise an
     error suggesting the nearest method.
+
+    ``precision="bf16"`` runs the model under bfloat16 autocast (the fast mode on GPUs and on CPUs with
+    native bf16; the inputs, their gradients and the returned maps stay float32). The target class is
+    always chosen in float32, so both precisions explain the same class.
     """
     spec = captum_method(method.split(":", 1)[1]) if method.startswith("captum:") else METHODS.get(method)
     if inputs.ndim != 4:
         raise ConfigError(f"inputs must be [B, C, H, W], got shape {tuple(inputs.shape)}")
     device = next(model.parameters()).device
     inputs = inputs.to(device=device, dtype=torch.float32)
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={precision!r} is not one of: fp32, bf16")
     with preserved_state(model):
         target_t = resolve_target(model, inputs, target)
-        attribution = spec.fn(model, inputs, target_t, **params)
+        with autocast_forward(model, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+            attribution = spec.fn(model, inputs, target_t, **params)
     how: Reduction = "none" if reduce is None else (spec.reduction(params) if reduce == "default" else reduce)
     return reduce_channels(attribution.float(), how).detach()

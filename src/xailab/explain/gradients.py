@@ -16,22 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import METHODS, register_method
-
-# images of up to 64x64 pixels per chunk; larger images get proportionally fewer (about 12 MB of 3-channel
-# input per chunk, whose activations and gradients dominate the memory a chunk needs)
-CHUNK_IMAGES = 256
-CHUNK_PIXELS = 64 * 64
+from xailab.explain.base import METHODS, default_batch_size, register_method
 
 IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 BASELINES = ("zero", "blur", "mean")
-
-
-def default_batch_size(inputs: Tensor) -> int:
-    """Images per forward/backward chunk for inputs ``[B, C, H, W]``: 256 up to 64x64, fewer for larger ones
-    (20 at 224x224), so a chunk's memory stays roughly constant."""
-    pixels = inputs.shape[-2] * inputs.shape[-1]
-    return max(1, min(CHUNK_IMAGES, CHUNK_IMAGES * CHUNK_PIXELS // pixels))
 
 
 def target_gradients(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
@@ -158,7 +146,9 @@ def integrated_gradients(
     b = inputs.shape[0]
     total = torch.zeros_like(inputs)
     # path point ``i`` is image ``i % b`` at step ``i // b`` (Captum's order)
-    for index in chunks(n_steps * b, internal_batch_size or default_batch_size(inputs), inputs.device):
+    for index in chunks(
+        n_steps * b, internal_batch_size or default_batch_size(inputs, grad=True), inputs.device
+    ):
         step, image = index // b, index % b
         points = baselines[image] + alphas[step].view(-1, 1, 1, 1) * difference[image]
         grads = target_gradients(model, points, target[image])
@@ -229,7 +219,7 @@ def smoothgrad(
         noise = noise.to(inputs).reshape(n_samples * b, *inputs.shape[1:])
     if n_samples < 1:
         raise ConfigError(f"n_samples={n_samples} must be at least 1")
-    batch_size = internal_batch_size or default_batch_size(inputs)
+    batch_size = internal_batch_size or default_batch_size(inputs, grad=True)
     if base == "integrated_gradients":
         base_params["internal_batch_size"] = batch_size
     sigma = noise_level * (inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3)))

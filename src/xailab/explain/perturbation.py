@@ -1,8 +1,7 @@
 """Perturbation methods: occlusion, LIME, Kernel SHAP and RISE.
 
 Each one scores many perturbed copies of the inputs. Every copy of every image goes through the model in
-chunks of ``internal_batch_size`` images (default: the pixels of 512 images of 32x32, see
-``default_chunk``); copies are built per chunk from flat indices with tensor ops, never one Python
+chunks of ``internal_batch_size`` images (default: ``default_batch_size(inputs, grad=False)``); copies are built per chunk from flat indices with tensor ops, never one Python
 iteration per perturbation. Random methods take ``seed`` (default 0) and draw everything from one
 ``torch.Generator`` on the inputs' device, so the same call gives the same map.
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import register_method
+from xailab.explain.base import default_batch_size, register_method
 from xailab.explain.gradients import gaussian_blur
 
 Baseline = Literal["zero", "mean", "blur"] | float
@@ -43,15 +42,9 @@ def _check_positive(**values: int) -> None:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def default_chunk(inputs: Tensor) -> int:
-    """Images per forward pass: as many pixels as 512 images of 32x32 (512 at 32x32, 10 at 224x224)."""
-    height, width = inputs.shape[-2:]
-    return max(1, 512 * 32 * 32 // (height * width))
-
-
 def resolve_chunk(inputs: Tensor, internal_batch_size: int | None) -> int:
-    """``internal_batch_size`` checked, or ``default_chunk(inputs)`` when None."""
-    chunk = default_chunk(inputs) if internal_batch_size is None else internal_batch_size
+    """``internal_batch_size`` checked, or ``default_batch_size(inputs, grad=False)`` when None."""
+    chunk = default_batch_size(inputs, grad=False) if internal_batch_size is None else internal_batch_size
     _check_positive(internal_batch_size=chunk)
     return chunk
 

@@ -1,7 +1,14 @@
 """The model zoo. Importing this package registers every model with ``xailab.models.base.MODELS``."""
 
 from xailab.models import efficient_cnn, imagenet, mobilenetv2, resnet, small_cnns
-from xailab.models.base import MODELS, create_model, list_models, model_input_size, random_init_options
+from xailab.models.base import (
+    MODELS,
+    create_model,
+    list_models,
+    model_input_size,
+    random_init_options,
+    size_options,
+)
 from xailab.models.summary import count_macs, count_parameters, model_table
 
 __all__ = [
@@ -17,5 +24,6 @@ __all__ = [
     "model_table",
     "random_init_options",
     "resnet",
+    "size_options",
     "small_cnns",
 ]

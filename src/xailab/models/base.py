@@ -78,3 +78,13 @@ def random_init_options(name: str) -> dict:
         if "pretrained" in inspect.signature(MODELS.get(name).factory).parameters
         else {}
     )
+
+
+def size_options(name: str, image_size: tuple[int, int]) -> dict:
+    """``{"image_size": H}`` for models whose layers depend on the input size (e.g. ``keras_cnn``'s dense
+    layer), else ``{}``: lets a run at a non-default size build the model that fits its images."""
+    return (
+        {"image_size": image_size[0]}
+        if "image_size" in inspect.signature(MODELS.get(name).factory).parameters
+        else {}
+    )

@@ -27,7 +27,7 @@ class TrainConfig:
     model: str = field(metadata={"help": "model name (see `xailab models`)"})
     dataset: str = field(metadata={"help": "dataset name (see `xailab datasets`)"})
     epochs: int = _opt(10, "number of epochs")
-    batch_size: int = _opt(128, "training batch size")
+    batch_size: int = _opt(128, "training batch size (global: split over the processes of a DDP run)")
     optimizer: Literal["adam", "adamw", "sgd"] = _opt("adam", "optimiser; sgd is SGD with Nesterov momentum")
     lr: float = _opt(1e-3, "base (peak, for onecycle) learning rate")
     weight_decay: float = _opt(0.0, "weight decay of the optimiser")

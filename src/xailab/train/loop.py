@@ -25,7 +25,8 @@ from xailab.data import Dataset, ImageSet, load_dataset, stratified_split
 from xailab.data.transforms import augment_batch, to_model_input
 from xailab.errors import CheckpointError, ConfigError, TrainingDiverged
 from xailab.io import write_json, write_text
-from xailab.models import count_macs, count_parameters, create_model, model_input_size
+from xailab.models import count_macs, count_parameters, create_model, model_input_size, size_options
+from xailab.train import distributed
 from xailab.train.callbacks import ProgressBar, call
 from xailab.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from xailab.train.config import TrainConfig
@@ -185,7 +186,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment(device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+def _environment(
+    device: torch.device, dtype: torch.dtype | None, ctx: distributed.DistributedContext
+) -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -193,6 +196,8 @@ def _environment(device: torch.device, dtype: torch.dtype | None) -> dict[str, A
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "precision": "bf16-autocast" if dtype is not None else "fp32",
+        "world_size": ctx.world_size,
+        "backend": ctx.backend,
     }
 
 
@@ -220,22 +225,58 @@ def train(
     run exactly where it stopped (same weights as an uninterrupted run in fp32 deterministic mode). The best
     weights by ``config.monitor`` are kept in ``model.safetensors`` and restored at the end (early stopping
     uses the same record). Pass ``dataset`` to reuse an already loaded dataset.
+
+    Under a launcher (``torchrun``) every process calls this and training is data-parallel: ``batch_size`` is
+    the global batch, rank 0 writes the files, and a run resumes with any number of processes
+    (``xailab.train.distributed``).
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     run_dir = Path(out_dir) / (name or default_run_name(config))
-    if run_dir.exists() and (run_dir / "config.json").exists() and not resume:
-        raise CheckpointError(
-            f"{run_dir} already holds a run: pass resume=True (--resume) to continue it, or choose another name"
-        )
-    with deterministic_algorithms(config.deterministic):
-        return _train(config, run_dir, resume, [*([ProgressBar()] if progress else []), *callbacks], dataset)
+    with (
+        deterministic_algorithms(config.deterministic),
+        distributed.process_group(resolve_device(config.device)) as ctx,
+    ):
+        if run_dir.exists() and (run_dir / "config.json").exists() and not resume:
+            raise CheckpointError(
+                f"{run_dir} already holds a run: pass resume=True (--resume) to continue it, or choose another name"
+            )
+        distributed.barrier(ctx)  # every rank has looked before rank 0 writes config.json
+        bar = [ProgressBar()] if progress and ctx.is_main else []
+        return _train(config, run_dir, resume, [*bar, *callbacks], dataset, ctx)
+
+
+def _sharded_logits(
+    model: nn.Module,
+    images: Tensor,
+    dataset: Dataset,
+    config: TrainConfig,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+    ctx: distributed.DistributedContext,
+) -> Tensor:
+    """Logits ``[N, K]`` of uint8 ``images`` ``[N, H, W, C]``, each rank predicting its share, on every rank."""
+    local = predict_logits(
+        model,
+        distributed.shard(images, ctx),
+        dataset.mean,
+        dataset.std,
+        config.eval_batch_size,
+        dtype,
+        channels_last,
+    )
+    return distributed.gather_shards(local, images.shape[0], ctx)
 
 
 def _train(
-    config: TrainConfig, run_dir: Path, resume: bool, callbacks: list[Any], dataset: Dataset | None
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    callbacks: list[Any],
+    dataset: Dataset | None,
+    ctx: distributed.DistributedContext,
 ) -> Run:
-    device = resolve_device(config.device)
+    device = distributed.rank_device(resolve_device(config.device), ctx)
     dtype = autocast_dtype(config.precision, device)
     # channels_last pays off where convolutions run on tensor cores or bf16 units; on an AVX2 CPU it measured
     # no faster (docs/benchmarks.md), and its BatchNorm is slower.
@@ -267,7 +308,8 @@ def _train(
     test_set = dataset.splits.get("test")
     k = dataset.num_classes
 
-    model = create_model(config.model, in_channels=dataset.channels, num_classes=k, **config.model_options)
+    options = {**size_options(config.model, dataset.image_size), **config.model_options}
+    model = create_model(config.model, in_channels=dataset.channels, num_classes=k, **options)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -278,7 +320,8 @@ def _train(
     else:
         opt_cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
         optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
-    step_fn = torch.compile(model) if config.compile else model
+    ddp_model = distributed.wrap_model(model, ctx)  # the training forward; `model` for everything else
+    step_fn = torch.compile(ddp_model) if config.compile else ddp_model
 
     images = train_set.images.to(device)
     labels = train_set.labels.to(device)
@@ -292,6 +335,7 @@ def _train(
 
     batch = min(config.batch_size, len(train_set))
     steps_per_epoch = len(train_set) // batch  # drop the ragged last batch: BatchNorm needs > 1 sample
+    distributed.local_batch_size(batch, ctx)  # checks that the global batch splits evenly over the ranks
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     plateau = Plateau(
@@ -329,7 +373,7 @@ def _train(
             "options": dict(config.model_options),
             "weights_source": getattr(model, "weights_source", "random init"),
         },
-        "environment": _environment(device, dtype),
+        "environment": _environment(device, dtype, ctx),
     }
     if resume and (run_dir / "checkpoint.safetensors").is_file():
         info, rng = load_checkpoint(run_dir, model, optimizer)
@@ -350,8 +394,9 @@ def _train(
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
         meta["created"] = info.get("created", meta["created"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", meta)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", meta)
 
     call(
         callbacks,
@@ -362,6 +407,8 @@ def _train(
         if config.early_stopping and bad_epochs >= config.early_stopping:
             break
         model.train()
+        if ctx.is_distributed:  # each rank its own dropout masks, a function of (seed, epoch, rank) only
+            torch.manual_seed(distributed.dropout_seed(config.seed, epoch, ctx.rank))
         call(callbacks, "on_epoch_begin", epoch, steps_per_epoch)
         t0 = time.perf_counter()
         order = _epoch_order(labels, config.class_balance, generator, k)
@@ -376,9 +423,14 @@ def _train(
             xb, yb = images[idx], labels[idx]
             if config.augment:
                 xb = augment_batch(xb, dataset.augment, generator)
+            # Every rank draws and augments the whole global batch and keeps its share, so the data stream
+            # and the generator's state are the same whatever the number of processes.
+            xb, yb = distributed.shard(xb, ctx), distributed.shard(yb, ctx)
             x = to_model_input(xb, mean, std)
             if not channels_last:
-                x = x.contiguous()
+                # Not .contiguous(): with one channel the NHWC view already counts as contiguous, and its
+                # ambiguous strides give the first conv's gradient a layout that DDP's buckets warn about.
+                x = x.clone(memory_format=torch.contiguous_format)
             with autocast(device, dtype):
                 logits = step_fn(x)
                 loss = criterion(logits.float(), yb)
@@ -389,13 +441,15 @@ def _train(
             optimizer.step()
             loss_sum += loss.detach() * yb.shape[0]
             correct += (logits.detach().argmax(1) == yb).sum()
-            call(callbacks, "on_step_end", i, yb.shape[0])
-        seen = steps_per_epoch * batch
-        train_loss = float(loss_sum) / seen  # the one host synchronisation of the epoch
+            call(callbacks, "on_step_end", i, batch)  # images of the step over all ranks
+        seen = steps_per_epoch * batch  # over all ranks
+        sums = distributed.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]), ctx)
+        train_loss = float(sums[0]) / seen  # the one host synchronisation of the epoch
         seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             meta["status"] = "diverged"
-            write_json(run_dir / "config.json", meta)
+            if ctx.is_main:
+                write_json(run_dir / "config.json", meta)
             raise TrainingDiverged(
                 f"the training loss became {train_loss} in epoch {epoch + 1}; the checkpoint of epoch "
                 f"{epoch} is kept in {run_dir}. Lower the learning rate (now {config.lr}) or use precision=fp32."
@@ -403,23 +457,16 @@ def _train(
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            "train_accuracy": int(correct) / seen,
+            "train_accuracy": int(sums[1]) / seen,
             "val_loss": None,
             "val_accuracy": None,
             "lr": lr,
             "seconds": round(seconds, 3),
             "images_per_s": round(seen / seconds, 1),
         }
+        distributed.broadcast_buffers(model, ctx)  # rank 0's BatchNorm statistics, evaluated and saved
         if val_set is not None:
-            logits_val = predict_logits(
-                model,
-                val_set.images,
-                dataset.mean,
-                dataset.std,
-                config.eval_batch_size,
-                dtype,
-                channels_last,
-            )
+            logits_val = _sharded_logits(model, val_set.images, dataset, config, dtype, channels_last, ctx)
             row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(logits_val, val_set.labels)
         history.append(row)
         monitored = row[config.monitor] if val_set is not None else -row["train_accuracy"]
@@ -428,28 +475,31 @@ def _train(
         sign = 1 if config.monitor == "val_loss" or val_set is None else -1
         if best is None or sign * monitored < sign * best:
             best, bad_epochs = monitored, 0
-            save_weights(run_dir / "model.safetensors", model)
+            if ctx.is_main:
+                save_weights(run_dir / "model.safetensors", model)
         else:
             bad_epochs += 1
         rng = {"torch": torch.get_rng_state(), "data": generator.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(
-            run_dir,
-            model,
-            optimizer,
-            {
-                "epoch": epoch + 1,
-                "history": history,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "plateau": plateau.state(),
-                "config_hash": config_hash(config),
-                "created": meta["created"],
-            },
-            rng,
-        )
-        _write_history(run_dir, history)
+        if ctx.is_main:  # the state is global (same weights, optimiser and generator on every rank)
+            save_checkpoint(
+                run_dir,
+                model,
+                optimizer,
+                {
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                    "plateau": plateau.state(),
+                    "config_hash": config_hash(config),
+                    "created": meta["created"],
+                },
+                rng,
+            )
+            _write_history(run_dir, history)
+        distributed.barrier(ctx)  # the others read model.safetensors at the end
         call(callbacks, "on_epoch_end", row)
 
     load_weights(run_dir / "model.safetensors", model)
@@ -463,20 +513,15 @@ def _train(
     if val_set is not None and history:
         metrics["val"] = {"accuracy": history[metrics["best_epoch"] - 1]["val_accuracy"]}
     if test_set is not None and len(test_set):
-        logits = predict_logits(
-            model,
-            test_set.images,
-            dataset.mean,
-            dataset.std,
-            config.eval_batch_size,
-            dtype,
-            channels_last,
-        )
+        logits = _sharded_logits(model, test_set.images, dataset, config, dtype, channels_last, ctx)
         metrics["test"] = classification_metrics(logits, test_set.labels, dataset.class_names)
-        predictions_csv(run_dir / "predictions.csv", logits, test_set.labels, dataset.class_names)
-    write_json(run_dir / "metrics.json", metrics)
+        if ctx.is_main:
+            predictions_csv(run_dir / "predictions.csv", logits, test_set.labels, dataset.class_names)
     meta["status"] = "finished"
-    write_json(run_dir / "config.json", meta)
+    if ctx.is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "config.json", meta)
+    distributed.barrier(ctx)  # the run folder is complete when any rank returns
     run = Run(
         run_dir,
         config,

@@ -13,7 +13,7 @@ from torch import nn
 
 from xailab.errors import CheckpointError
 from xailab.io import read_json
-from xailab.models import create_model, random_init_options
+from xailab.models import create_model, random_init_options, size_options
 from xailab.train.checkpoint import load_weights
 from xailab.train.config import TrainConfig
 
@@ -60,7 +60,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     config = TrainConfig.from_dict(meta["train"])
     ds = meta["dataset"]
     # The run's own weights replace any ImageNet backbone weights, so none need to be found.
-    options = {**config.model_options, **random_init_options(config.model)}
+    size = size_options(config.model, tuple(ds["image_size"]))
+    options = {**size, **config.model_options, **random_init_options(config.model)}
     model = create_model(
         config.model, in_channels=ds["channels"], num_classes=len(ds["class_names"]), **options
     )

@@ -1,0 +1,295 @@
+"""The metric contract: ``fn(model, inputs[B, C, H, W], targets[B], attributions[B, 1, H, W], **params) ->
+Tensor[B]`` (one score per image), registered in ``METRICS``; ``evaluate_explanations`` runs several of them
+on one batch and ``summarise`` turns per-image scores into a mean with a seeded 95% bootstrap interval.
+
+Metrics that re-explain (sensitivity, randomisation, random logit) receive ``explain_fn(model, inputs,
+targets) -> [B, 1, H, W]``, built by ``evaluate_explanations`` from the ``method`` name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from xailab.errors import ConfigError
+from xailab.explain.base import default_batch_size as explain_chunk
+from xailab.explain.base import explain, preserved_state, resolve_target
+from xailab.registry import Registry
+
+ExplainFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Direction = Literal["higher", "lower", "none"]
+
+DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "faithfulness_correlation", "sparseness", "complexity")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric.
+
+    ``needs_method``: it re-explains (perturbed inputs, randomised models, other classes), so it needs an
+    explanation method, not only attributions. ``better``: whether a ``higher`` or ``lower`` score means a
+    better explanation (``none`` when it is a property, e.g. sparseness, rather than a quality).
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    needs_method: bool
+    better: Direction
+    description: str = ""
+
+    def accepts(self, param: str) -> bool:
+        """Whether the metric's function takes the keyword ``param``."""
+        return param in inspect.signature(self.fn).parameters
+
+
+METRICS: Registry[MetricSpec] = Registry("metric")  # type: ignore[type-var]
+
+
+def register_metric(name: str, better: Direction, needs_method: bool = False, description: str = ""):
+    """Decorator registering ``fn(model, inputs, targets, attributions, **params) -> Tensor[B]`` as ``name``."""
+
+    def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
+        METRICS.register(name)(MetricSpec(name, fn, needs_method, better, doc))
+        return fn
+
+    return add
+
+
+def list_metrics() -> list[str]:
+    """Names of every registered explanation-quality metric."""
+    return METRICS.names()
+
+
+def method_explainer(method: str, **method_params) -> ExplainFn:
+    """``explain_fn(model, inputs, targets) -> [B, 1, H, W]`` running ``xailab.explain`` with ``method``."""
+
+    def explain_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        return explain(model, inputs, method, targets, **method_params)
+
+    return explain_fn
+
+
+def chunked_explain(
+    explain_fn: ExplainFn, model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int | None = None
+) -> Tensor:
+    """``explain_fn`` over ``inputs`` ``[N, C, H, W]`` in chunks of ``batch_size`` images (default:
+    ``default_batch_size``): ``[N, 1, H, W]``."""
+    batch_size = batch_size or default_batch_size(inputs, grad=True)
+    return torch.cat(
+        [
+            explain_fn(model, inputs[i : i + batch_size], targets[i : i + batch_size])
+            for i in range(0, inputs.shape[0], batch_size)
+        ]
+    )
+
+
+def check_attributions(inputs: Tensor, attributions: Tensor) -> Tensor:
+    """``attributions`` as float ``[B, 1, H, W]`` on the inputs' device, or a ConfigError naming the shapes."""
+    b, _, h, w = inputs.shape
+    if attributions.ndim == 3:
+        attributions = attributions[:, None]
+    if attributions.ndim != 4 or attributions.shape[0] != b or attributions.shape[-2:] != (h, w):
+        raise ConfigError(
+            f"attributions have shape {tuple(attributions.shape)} for inputs {tuple(inputs.shape)}; give one "
+            f"[1, H, W] map per image, i.e. [{b}, 1, {h}, {w}]"
+        )
+    if attributions.shape[1] != 1:
+        attributions = attributions.sum(1, keepdim=True)  # per-channel maps: sum, as xailab.explain does
+    return attributions.to(device=inputs.device, dtype=torch.float32)
+
+
+def check_request(metrics: Sequence[str], params: dict, can_explain: bool) -> list[MetricSpec]:
+    """The specs of ``metrics``; a ConfigError when one needs a method and none is given, or when a
+    parameter is taken by no chosen metric (a typo would otherwise be silently ignored)."""
+    specs = [METRICS.get(name) for name in metrics]
+    needing = [s.name for s in specs if s.needs_method]
+    if needing and not can_explain:
+        raise ConfigError(
+            f"metrics {', '.join(needing)} re-explain perturbed inputs or models, so they need method=<name> "
+            "instead of precomputed attributions"
+        )
+    unused = [p for p in params if not any(s.accepts(p) for s in specs)]
+    if unused:
+        raise ConfigError(
+            f"no chosen metric takes the parameter(s) {', '.join(unused)}; chosen: {', '.join(metrics)}"
+        )
+    return specs
+
+
+def evaluate_explanations(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | int | None,
+    attributions: Tensor | None = None,
+    method: str | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    seed: int = 0,
+    method_params: dict | None = None,
+    **params,
+) -> dict[str, Tensor]:
+    """Scores of the explanations of ``model`` for ``inputs`` ``[B, C, H, W]`` (normalised as the model
+    expects) and ``targets`` ``[B]`` (None: the predicted classes) by each metric in ``metrics``.
+
+    Give exactly one of ``attributions`` ``[B, 1, H, W]`` (maps computed elsewhere) or ``method`` (a name of
+    ``xailab.list_methods()``, run with ``method_params``). Metrics that re-explain need ``method``.
+    ``params`` go to every metric that takes them (e.g. ``batch_size``, ``baseline``); a name no chosen
+    metric takes raises a ConfigError. Returns metric -> float ``[B]`` on the CPU; the model's modes and
+    ``requires_grad`` flags are restored afterwards.
+    """
+    if (attributions is None) == (method is None):
+        raise ConfigError("give exactly one of attributions=[B, 1, H, W] maps or method=<name> (not both)")
+    if inputs.ndim != 4:
+        raise ConfigError(f"inputs must be [B, C, H, W], got shape {tuple(inputs.shape)}")
+    check_request(metrics, params, can_explain=method is not None)
+    device = next(model.parameters()).device
+    inputs = inputs.to(device=device, dtype=torch.float32)
+    explain_fn = method_explainer(method, **(method_params or {})) if method is not None else None
+    with preserved_state(model):
+        target_t = resolve_target(model, inputs, targets)
+        if attributions is None:
+            assert explain_fn is not None
+            attributions = explain_fn(model, inputs, target_t)
+        return score_explanations(model, inputs, target_t, attributions, metrics, explain_fn, seed, **params)
+
+
+def score_explanations(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    attributions: Tensor,
+    metrics: Sequence[str],
+    explain_fn: ExplainFn | None = None,
+    seed: int = 0,
+    **params,
+) -> dict[str, Tensor]:
+    """The core of ``evaluate_explanations`` for callers that already hold the maps ``[B, 1, H, W]``, the
+    ``[B]`` long targets on the model's device and (for metrics that re-explain) ``explain_fn``.
+
+    ``params`` go to every metric that takes them; a name no metric takes raises a ConfigError. Returns
+    metric -> float ``[B]`` on the CPU.
+    """
+    specs = check_request(metrics, params, can_explain=explain_fn is not None)
+    attributions = check_attributions(inputs, attributions)
+    scores = {}
+    for spec in specs:
+        kwargs = {k: v for k, v in params.items() if spec.accepts(k)}
+        if spec.accepts("seed"):
+            kwargs["seed"] = seed
+        if spec.needs_method:
+            kwargs["explain_fn"] = explain_fn
+        scores[spec.name] = spec.fn(model, inputs, targets, attributions, **kwargs).detach().float().cpu()
+    return scores
+
+
+def summarise(
+    scores: dict[str, Tensor], n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, dict]:
+    """Mean and percentile bootstrap confidence interval of each metric's per-image scores ``[B]``.
+
+    Returns metric -> ``{"mean", "ci_low", "ci_high", "n"}`` (``n``: the finite scores used; NaN scores,
+    e.g. a correlation of a constant map, are left out). The resampling is seeded, so it repeats exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    alpha = (1.0 - level) / 2
+    summary = {}
+    for name, values in scores.items():
+        v = values.detach().double().cpu().flatten()
+        v = v[torch.isfinite(v)]
+        n = int(v.numel())
+        if n == 0:
+            summary[name] = {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+            continue
+        idx = torch.randint(0, n, (n_boot, n), generator=generator)
+        means = v[idx].mean(1)
+        low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+        summary[name] = {"mean": float(v.mean()), "ci_low": low, "ci_high": high, "n": n}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small tensor helpers shared by the metric modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_positive(**values: int | float) -> None:
+    """ConfigError naming the first value that is not positive."""
+    for name, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{name}={value!r} must be positive")
+
+
+def default_batch_size(inputs: Tensor, grad: bool = False) -> int:
+    """Images per chunk of copies of ``inputs`` ``[B, C, H, W]``: the explanation engine's chunk size for
+    forward passes (``grad=False``) or for re-explaining (``grad=True``), scaled by image size and device."""
+    return explain_chunk(inputs, grad)
+
+
+@torch.no_grad()
+def target_scores(model: nn.Module, inputs: Tensor, targets: Tensor, softmax: bool = False) -> Tensor:
+    """The ``targets`` logits (probabilities with ``softmax``) of ``inputs`` ``[B, C, H, W]``: ``[B]``."""
+    out = model(inputs).float()
+    return (out.softmax(1) if softmax else out).gather(1, targets[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def scores_of_copies(
+    model: nn.Module,
+    build: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    total: int,
+    batch_size: int,
+    softmax: bool = False,
+    predicted: bool = False,
+) -> Tensor:
+    """Scores of ``total`` perturbed images built ``batch_size`` at a time: ``build(idx)`` makes the images
+    with flat indices ``idx`` ``[k]`` as ``[k, C, H, W]``; ``targets`` ``[total]`` is the class scored for
+    each. Returns ``[total]`` logits (probabilities with ``softmax``; with ``predicted``, 1.0 where the
+    prediction equals the target, else 0.0); memory stays bounded by ``batch_size`` images."""
+    out = []
+    for start in range(0, total, batch_size):
+        idx = torch.arange(start, min(start + batch_size, total), device=targets.device)
+        logits = model(build(idx)).float()
+        if predicted:
+            out.append((logits.argmax(1) == targets[idx]).float())
+        else:
+            out.append((logits.softmax(1) if softmax else logits).gather(1, targets[idx, None]).squeeze(1))
+    return torch.cat(out)
+
+
+def descending_order(attributions: Tensor) -> Tensor:
+    """Pixel indices of each ``[B, 1, H, W]`` map from the highest value down: ``[B, H * W]`` (stable)."""
+    return torch.sort(attributions.flatten(1), dim=1, descending=True, stable=True).indices
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks ``1..N`` of each row of ``values`` ``[B, N]``, ties given their average rank (as scipy)."""
+    ordered = values.sort(dim=1).values
+    below = torch.searchsorted(ordered, values.contiguous(), right=False)
+    up_to = torch.searchsorted(ordered, values.contiguous(), right=True)
+    return (below + up_to + 1).double() / 2
+
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of the rows of ``a`` and ``b`` ``[B, N]`` in float64: ``[B]`` (NaN for a
+    constant row, as scipy)."""
+    a = a.double() - a.double().mean(1, keepdim=True)
+    b = b.double() - b.double().mean(1, keepdim=True)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    r = (a * b).sum(1) / denom
+    return torch.where(denom > 0, r.clamp(-1, 1), torch.full_like(r, float("nan")))
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation of the rows of ``a`` and ``b`` ``[B, N]`` (ties averaged): ``[B]``."""
+    return pearson(average_ranks(a.flatten(1)), average_ranks(b.flatten(1)))
+
+
+def seeded(inputs: Tensor, seed: int) -> torch.Generator:
+    """A ``torch.Generator`` on the inputs' device seeded with ``seed``."""
+    return torch.Generator(device=inputs.device).manual_seed(seed)

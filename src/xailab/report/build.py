@@ -1,0 +1,258 @@
+"""Consolidating a study's result records into ``report.html``, ``results.csv`` and ``results.md``.
+
+Reads ``study.json`` and each cell's ``record.json`` plus the image files the study layer drew; draws the
+cross-cell charts into ``report_files/`` and renders Jinja2 templates. No model is loaded here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from xailab.errors import CheckpointError
+from xailab.io import read_json, write_text
+from xailab.report import charts
+
+Record = dict[str, Any]
+SECTIONS = (
+    ("results", "Results"),
+    ("curves", "Training curves"),
+    ("performance", "Accuracy vs size and time"),
+    ("confusion", "Confusion matrices"),
+    ("misclassified", "Misclassifications"),
+    ("galleries", "Explanation galleries"),
+    ("quality", "Explanation quality"),
+    ("agreement", "Agreement between methods"),
+    ("sanity", "Sanity checks"),
+    ("environment", "Environment and command"),
+)
+RESULT_COLUMNS = (
+    ("model", "model"),
+    ("options", "options"),
+    ("dataset", "dataset"),
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("parameters", "parameters"),
+    ("macs", "MACs"),
+    ("epochs", "epochs"),
+    ("train_seconds", "training time (s)"),
+    ("train_images_per_s", "train images/s"),
+    ("inference_images_per_s", "inference images/s"),
+)
+SANITY_THRESHOLD = 0.5  # |Spearman| after full randomisation above this: the maps ignore the weights
+
+
+def read_records(study_dir: Path) -> tuple[dict[str, Any], list[Record]]:
+    """``study.json`` and the records of its cells that have one, in the study's cell order."""
+    if not (study_dir / "study.json").is_file():
+        raise CheckpointError(f"{study_dir} is not a study folder (no study.json); run `xailab run` first")
+    study = read_json(study_dir / "study.json")
+    records = []
+    for name in study["cells"]:
+        path = study_dir / name / "record.json"
+        if path.is_file():
+            try:
+                records.append(read_json(path))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path} is corrupt ({e}); delete it and re-run the study") from None
+    if not records:
+        raise CheckpointError(f"{study_dir}: no cell has finished yet, so there is nothing to report")
+    return study, records
+
+
+def results_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """One row per cell with the results table's columns (numbers unformatted)."""
+    return [
+        {
+            "model": r["model"],
+            "options": " ".join(f"{k}={v}" for k, v in r["grid_options"].items()),
+            "dataset": r["dataset"],
+            "accuracy": r["test"].get("accuracy"),
+            "macro_f1": r["test"].get("macro_f1"),
+            "parameters": r["parameters"],
+            "macs": r["macs"],
+            "epochs": len(r["history"]),
+            "train_seconds": r["train_seconds"],
+            "train_images_per_s": r["train_images_per_s"],
+            "inference_images_per_s": r["inference_images_per_s"],
+        }
+        for r in records
+    ]
+
+
+def fmt(key: str, value: Any) -> str:
+    """A results-table value as text: accuracies in %, counts with thousands separators, MACs in millions."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key == "accuracy":
+        return f"{100 * value:.2f}%"
+    if key == "macro_f1":
+        return f"{value:.4f}"
+    if key == "macs":
+        return f"{value / 1e6:,.1f}M"
+    if key in ("parameters", "epochs"):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return str(value)
+
+
+def results_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The results table as CSV text, unformatted numbers (one row per cell)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[k for k, _ in RESULT_COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def top_confusions(records: Sequence[Record], k: int = 5) -> list[dict[str, Any]]:
+    """The ``k`` most frequent (true -> predicted) mistakes over all cells of one dataset, with each cell's count."""
+    names = records[0]["class_names"]
+    size = len(names)
+    totals: dict[tuple[int, int], int] = {}
+    for rec in records:
+        cm = rec["test"]["confusion_matrix"]
+        for t in range(size):
+            for p in range(size):
+                if t != p and cm[t][p]:
+                    totals[(t, p)] = totals.get((t, p), 0) + cm[t][p]
+    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return [
+        {
+            "true": names[t],
+            "predicted": names[p],
+            "total": count,
+            "per_cell": {rec["cell"]: rec["test"]["confusion_matrix"][t][p] for rec in records},
+        }
+        for (t, p), count in ranked
+    ]
+
+
+def by_dataset(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records grouped by dataset, in study order."""
+    groups: dict[str, list[Record]] = {}
+    for rec in records:
+        groups.setdefault(rec["dataset"], []).append(rec)
+    return groups
+
+
+def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged."""
+    quality = rec.get("quality", {})
+    best: dict[str, str] = {}
+    for metric in metrics:
+        better = info.get(metric, {}).get("better", "none")
+        scored = [(q[metric]["mean"], m) for m, q in quality.items() if not math.isnan(q[metric]["mean"])]
+        if scored and better in ("higher", "lower"):
+            best[metric] = (max if better == "higher" else min)(scored)[1]
+    rows = []
+    for method, q in quality.items():
+        cells = {}
+        for metric in metrics:
+            s = q[metric]
+            text = (
+                "-" if math.isnan(s["mean"]) else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+            )
+            cells[metric] = {"text": text, "best": best.get(metric) == method}
+        rows.append({"method": method, "scores": cells})
+    return rows
+
+
+def sanity_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Per cell: the sanity method, Spearman after the first and after all layers, and a verdict."""
+    rows = []
+    for rec in records:
+        s = rec.get("sanity")
+        if not s:
+            continue
+        final = s["mean_spearman"][-1]
+        rows.append(
+            {
+                "cell": rec["cell"],
+                "method": s["method"],
+                "layers": len(s["layers"]),
+                "first": s["mean_spearman"][0],
+                "final": final,
+                "final_ssim": s["mean_ssim"][-1],
+                "passes": final is not None and not math.isnan(final) and abs(final) < SANITY_THRESHOLD,
+                "figure": f"{rec['cell']}/{s['figure']}",
+            }
+        )
+    return rows
+
+
+def build_report(study_dir: str | Path) -> Path:
+    """Write ``report.html``, ``results.csv``, ``results.md`` and ``report_files/*.png`` into ``study_dir``
+    from its records; returns the path of ``report.html``."""
+    study_dir = Path(study_dir)
+    study, records = read_records(study_dir)
+    spec = study["spec"]
+    files = study_dir / "report_files"
+    rows = results_rows(records)
+    metrics = list(spec["metrics"])
+    info: dict[str, Any] = {}
+    for rec in records:
+        info.update(rec.get("metric_info", {}))
+    groups = by_dataset(records)
+    figures = {
+        "curves": "report_files/"
+        + charts.save(charts.training_curves(records), files / "training_curves.png"),
+        "performance": "report_files/"
+        + charts.save(charts.accuracy_scatter(records), files / "accuracy.png"),
+        "confusion": {
+            d: "report_files/" + charts.save(charts.confusion_matrices(recs), files / f"confusion-{d}.png")
+            for d, recs in groups.items()
+        },
+    }
+    has_quality = bool(metrics) and any(rec.get("quality") for rec in records)
+    if has_quality:
+        figures["quality"] = "report_files/" + charts.save(
+            charts.quality_chart(records, metrics, info), files / "quality.png"
+        )
+    figures["agreement"] = "report_files/" + charts.save(
+        charts.agreement_matrices(records), files / "agreement.png"
+    )
+    sanity = sanity_rows(records)
+    if sanity:
+        figures["sanity"] = "report_files/" + charts.save(charts.sanity_curves(records), files / "sanity.png")
+
+    context = {
+        "study": study,
+        "spec": spec,
+        "records": records,
+        "groups": groups,
+        "sections": SECTIONS,
+        "columns": RESULT_COLUMNS,
+        "rows": [{k: fmt(k, v) for k, v in row.items()} for row in rows],
+        "figures": figures,
+        "confusions": {d: top_confusions(recs) for d, recs in groups.items()},
+        "metrics": metrics,
+        "metric_info": info,
+        "quality": {rec["cell"]: quality_table(rec, metrics, info) for rec in records} if has_quality else {},
+        "sanity": sanity,
+        "sanity_threshold": SANITY_THRESHOLD,
+        "missing": [c for c in study["cells"] if c not in {r["cell"] for r in records}],
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.files("xailab.report") / "templates")),
+        autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined,  # a typo in a template fails the report instead of leaving a hole
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    write_text(study_dir / "results.csv", results_csv(rows))
+    write_text(study_dir / "results.md", env.get_template("results.md.j2").render(**context))
+    report = study_dir / "report.html"
+    write_text(report, env.get_template("report.html.j2").render(**context))
+    return report

@@ -1,0 +1,143 @@
+"""A study: datasets x models (x model-option grid) x explanation methods x metrics, read from YAML/TOML.
+
+The spec is a frozen dataclass validated when it is read: an unknown key names itself and lists the valid
+keys; an unknown model, dataset, method or metric suggests the nearest names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xailab.config import from_dict, read_config_file, to_dict
+from xailab.data.base import DATASETS
+from xailab.errors import ConfigError, UnknownNameError
+from xailab.explain.base import METHODS
+from xailab.metrics.base import METRICS
+from xailab.models.base import MODELS
+from xailab.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything that decides a study.
+
+    ``train``: `TrainConfig` fields shared by every cell (not ``model``/``dataset``). ``model_options``:
+    fixed options per model, e.g. ``{"keras_cnn": {"padding": "same"}}``; ``option_grid``: per model, option
+    -> list of values, every combination becoming its own cell (``{"keras_cnn": {"stride": [1, 2, 3]}}``).
+    ``dataset_roots``: read a dataset from this folder instead of the data dir, e.g.
+    ``{"cifar10": "../shared/datasets/cifar10-subset"}``. ``n_explain`` test images are explained with every method and assessed with every metric; the first
+    ``n_gallery`` of them are shown in the report, with up to ``n_misclassified`` wrong predictions.
+    ``sanity_method``: the method of the model-randomisation sanity check (empty string: no check).
+    """
+
+    name: str
+    datasets: list[str]
+    models: list[str]
+    methods: list[str]
+    description: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    option_grid: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    dataset_roots: dict[str, Any] = field(default_factory=dict)
+    method_params: dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=list)
+    metric_params: dict[str, Any] = field(default_factory=dict)
+    n_explain: int = 16
+    n_gallery: int = 4
+    n_misclassified: int = 6
+    misclassification_method: str = ""
+    sanity_method: str = ""
+    sanity_images: int = 4
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a plain JSON-able dict (stored in ``study.json``)."""
+        return to_dict(self)
+
+
+def _names(where: str, value: Any, registry, allow_empty: bool = False) -> list[str]:
+    """``value`` as a list of registered names, or a ConfigError naming ``where`` and the valid names."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of names, got {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(f"{where}: give at least one; valid: {', '.join(registry.names())}")
+    for i, name in enumerate(value):
+        if name.startswith("captum:") and registry is METHODS:
+            continue
+        try:
+            registry.get(name)
+        except UnknownNameError as e:
+            raise ConfigError(f"{where}[{i}]: {e}") from None
+    return list(value)
+
+
+def _per_name(where: str, value: dict[str, Any], valid: list[str]) -> None:
+    """Check that every key of a per-model/dataset/method mapping is one of ``valid`` and maps to a mapping."""
+    for key, options in value.items():
+        if key not in valid:
+            raise ConfigError(f"{where}: {key!r} is not in the study; valid: {', '.join(valid)}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}.{key}: expected a mapping of option -> value, got {options!r}")
+
+
+def validate(spec: StudySpec, where: str) -> StudySpec:
+    """Check names, per-name mappings, the training recipe and counts; return ``spec`` with lists cleaned."""
+    datasets = _names(f"{where}: datasets", spec.datasets, DATASETS)
+    models = _names(f"{where}: models", spec.models, MODELS)
+    methods = _names(f"{where}: methods", spec.methods, METHODS)
+    metrics = _names(f"{where}: metrics", spec.metrics, METRICS, allow_empty=True)
+    for key in ("model", "dataset"):
+        if key in spec.train:
+            raise ConfigError(f"{where}: train.{key} is set per cell; list it under {key}s instead")
+    from_dict(
+        TrainConfig, {"model": models[0], "dataset": datasets[0], **spec.train}, where=f"{where}: train"
+    )
+    _per_name(f"{where}: model_options", spec.model_options, models)
+    _per_name(f"{where}: dataset_options", spec.dataset_options, datasets)
+    _per_name(f"{where}: method_params", spec.method_params, methods)
+    for dataset, root in spec.dataset_roots.items():
+        if dataset not in datasets:
+            raise ConfigError(
+                f"{where}: dataset_roots: {dataset!r} is not in the study; valid: {', '.join(datasets)}"
+            )
+        if not isinstance(root, str):
+            raise ConfigError(f"{where}: dataset_roots.{dataset}: expected a folder path, got {root!r}")
+    _per_name(f"{where}: option_grid", spec.option_grid, models)
+    for model, grid in spec.option_grid.items():
+        for option, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(
+                    f"{where}: option_grid.{model}.{option}: expected a non-empty list, got {values!r}"
+                )
+    for key in ("n_explain", "n_gallery", "sanity_images"):
+        if getattr(spec, key) < 1:
+            raise ConfigError(f"{where}: {key} must be at least 1, got {getattr(spec, key)}")
+    if spec.n_misclassified < 0:
+        raise ConfigError(f"{where}: n_misclassified must be >= 0, got {spec.n_misclassified}")
+    for key in ("misclassification_method", "sanity_method"):
+        value = getattr(spec, key)
+        if value and value not in methods:
+            raise ConfigError(
+                f"{where}: {key} {value!r} is not one of the study's methods: {', '.join(methods)}"
+            )
+    return dataclasses.replace(spec, datasets=datasets, models=models, methods=methods, metrics=metrics)
+
+
+def spec_from_dict(data: dict[str, Any], where: str = "study") -> StudySpec:
+    """Build and validate a ``StudySpec`` from a plain dict (a parsed YAML/TOML file)."""
+    spec = from_dict(StudySpec, data, where=where)
+    return validate(spec, where)
+
+
+def read_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file (``.yaml``/``.yml``/``.toml``); a missing ``name`` is the file's stem."""
+    path = Path(path)
+    data = read_config_file(path)
+    data.setdefault("name", path.stem)
+    return spec_from_dict(data, where=f"study file {path}")

@@ -1,0 +1,161 @@
+"""The consolidated report: every section and image present, tables right, records-only imports, and a
+headless Chromium screenshot that is not blank."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import xailab.report
+from xailab.errors import CheckpointError
+from xailab.report import build_report, top_confusions
+from xailab.report.build import SECTIONS
+from xailab.study import run_study, spec_from_dict
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    """A two-cell study (two models on 16x16 digits), run once for the module."""
+    spec = spec_from_dict(
+        {
+            "name": "tiny-report",
+            "description": "two models for the report test",
+            "datasets": ["digits"],
+            "models": ["keras_cnn", "mnist_cnn"],
+            "model_options": {"keras_cnn": {"image_size": 16}},
+            "train": {"epochs": 2, "batch_size": 64, "image_size": 16, "train_limit": 300, "lr": 0.003},
+            "methods": ["saliency", "gradcam", "integrated_gradients"],
+            "method_params": {"integrated_gradients": {"n_steps": 8}},
+            "metrics": ["sparseness", "deletion_auc", "complexity"],
+            "n_explain": 4,
+            "n_gallery": 2,
+            "n_misclassified": 3,
+            "sanity_method": "gradcam",
+            "sanity_images": 2,
+        }
+    )
+    out = tmp_path_factory.mktemp("studies")
+    return run_study(spec, out=out, progress=False, command="xailab run tiny.yaml").parent
+
+
+class Links(HTMLParser):
+    """Collects section ids, image sources and link targets of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag == "a" and not a["href"].startswith("#"):
+            self.links.append(a["href"])
+
+
+def test_every_section_and_image_is_there(study_dir):
+    html = (study_dir / "report.html").read_text()
+    page = Links()
+    page.feed(html)
+    assert page.ids == [sid for sid, _ in SECTIONS]
+    # 2 cells x 2 gallery images x (input + 3 methods) tiles, plus charts and per-cell figures
+    assert len(page.images) >= 16 + 5
+    for src in page.images + page.links:
+        assert (study_dir / src).is_file(), src
+        assert not src.startswith("/")  # relative: the folder can be sent or moved as a whole
+    for needle in (
+        "keras_cnn__digits",
+        "mnist_cnn__digits",
+        "xailab run tiny.yaml",
+        "deletion_auc",
+        "complexity",
+        "integrated_gradients",
+        "Top confusion pairs",
+        "torch",
+    ):
+        assert needle in html, needle
+    assert "nan%" not in html.lower() and "undefined" not in html.lower()
+
+
+def test_results_table_files(study_dir):
+    rows = list(csv.DictReader((study_dir / "results.csv").open()))
+    assert [r["model"] for r in rows] == ["keras_cnn", "mnist_cnn"]
+    for row in rows:
+        record = json.loads((study_dir / f"{row['model']}__digits" / "record.json").read_text())
+        assert float(row["accuracy"]) == record["test"]["accuracy"]
+        assert int(row["parameters"]) == record["parameters"] and int(row["macs"]) == record["macs"]
+        assert float(row["train_seconds"]) > 0 and float(row["inference_images_per_s"]) > 0
+    md = (study_dir / "results.md").read_text()
+    assert md.count("| keras_cnn |") == 1 and "| accuracy |" in md and "xailab run tiny.yaml" in md
+
+
+def test_top_confusions_known_answer():
+    names = ["a", "b", "c"]
+    records = [
+        {"cell": "m1", "class_names": names, "test": {"confusion_matrix": [[5, 3, 0], [1, 6, 0], [0, 2, 4]]}},
+        {"cell": "m2", "class_names": names, "test": {"confusion_matrix": [[7, 1, 0], [0, 7, 0], [0, 4, 2]]}},
+    ]
+    top = top_confusions(records, k=3)
+    assert [(p["true"], p["predicted"], p["total"]) for p in top] == [
+        ("c", "b", 6),
+        ("a", "b", 4),
+        ("b", "a", 1),
+    ]
+    assert top[0]["per_cell"] == {"m1": 2, "m2": 4}
+
+
+def test_report_layer_never_imports_models_or_torch():
+    """ARCHITECTURE.md: report/ reads result records only."""
+    for path in Path(xailab.report.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in names:
+                    assert not name.startswith(("torch", "xailab.models", "xailab.train", "xailab.study")), (
+                        f"{path.name} imports {name}"
+                    )
+
+
+def test_missing_study_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not a study folder"):
+        build_report(tmp_path)
+
+
+def test_chromium_screenshot_is_not_blank(study_dir, tmp_path):
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            shutil.which("chromium") or shutil.which("chromium-browser") or "chromium",  # Debian's package
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,4000",
+            f"--screenshot={shot}",
+            (study_dir / "report.html").resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (4000, 1280)
+    # A rendered page has the dark header, text, charts and heatmaps: many distinct colours, not one.
+    assert pixels.std() > 20
+    assert len(np.unique(pixels[::4, ::4].reshape(-1, 3), axis=0)) > 500

@@ -1,0 +1,293 @@
+"""Studies: spec validation, cell expansion, skipping finished cells, and resuming a study killed halfway."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from xailab.cli import main
+from xailab.errors import CheckpointError, ConfigError
+from xailab.io import read_json
+from xailab.models import create_model
+from xailab.study import STUDIES, expand_cells, list_studies, load_study, run_study, spec_from_dict
+from xailab.study.runner import CellTask, cell_key, run_cell
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tiny(**changes) -> dict:
+    """A study small enough for a unit test: two keras_cnn cells (kernel 3 and 4) on 16x16 digits."""
+    spec = {
+        "name": "tiny",
+        "datasets": ["digits"],
+        "models": ["keras_cnn"],
+        "model_options": {"keras_cnn": {"image_size": 16}},
+        "option_grid": {"keras_cnn": {"kernel_size": [3, 4]}},
+        "train": {
+            "epochs": 3,
+            "batch_size": 64,
+            "image_size": 16,
+            "train_limit": 256,
+            "lr": 0.003,
+            "precision": "fp32",
+            "deterministic": True,
+        },
+        "methods": ["saliency", "gradcam"],
+        "metrics": ["sparseness", "deletion_auc"],
+        "n_explain": 4,
+        "n_gallery": 2,
+        "n_misclassified": 2,
+        "sanity_method": "gradcam",
+        "sanity_images": 2,
+    }
+    spec.update(changes)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"modelz": ["keras_cnn"]},
+            ["unknown key 'modelz'", "Did you mean 'models'", "Valid keys:", "datasets"],
+        ),
+        ({"models": ["keras_cnm"]}, ["models[0]", "Did you mean 'keras_cnn'"]),
+        ({"datasets": ["digitz"]}, ["datasets[0]", "Did you mean 'digits'"]),
+        ({"methods": ["saliency", "gradcan"]}, ["methods[1]", "Did you mean 'gradcam'"]),
+        ({"metrics": ["sparsenes"]}, ["metrics[0]", "Did you mean 'sparseness'"]),
+        ({"train": {"epochz": 3}}, ["train: unknown key 'epochz'", "Did you mean 'epochs'", "Valid keys:"]),
+        ({"train": {"epochs": "three"}}, ["train.epochs", "expected int"]),
+        ({"train": {"model": "resnet18"}}, ["train.model is set per cell"]),
+        (
+            {"option_grid": {"resnet18": {"stride": [1]}}},
+            ["option_grid", "'resnet18' is not in the study", "keras_cnn"],
+        ),
+        ({"option_grid": {"keras_cnn": {"stride": 2}}}, ["option_grid.keras_cnn.stride", "non-empty list"]),
+        ({"method_params": {"lime": {}}}, ["method_params", "'lime' is not in the study"]),
+        ({"n_explain": 0}, ["n_explain must be at least 1"]),
+        ({"dataset_roots": {"cifar10": "x"}}, ["dataset_roots", "'cifar10' is not in the study", "digits"]),
+        ({"sanity_method": "lime"}, ["sanity_method 'lime' is not one of the study's methods"]),
+        ({"models": []}, ["models: give at least one", "keras_cnn"]),
+        ({"models": "keras_cnn", "n_gallery": "4"}, ["n_gallery: expected int"]),
+    ],
+)
+def test_bad_spec_names_the_key(changes, expected):
+    with pytest.raises(ConfigError) as e:
+        spec_from_dict(tiny(**changes), where="study tiny")
+    for text in expected:
+        assert text in str(e.value)
+
+
+def test_study_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("datasets: [digits]\nmodels: [keras_cnn]\nmethods: [saliency]\nepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: unknown key 'epochs'.*Valid keys"):
+        load_study(path)
+    path.write_text("datasets: [digits]\nmodels: [keras_cnn]\nmethods: [saliency]\n")
+    assert load_study(path).name == "mine"  # the name defaults to the file's stem
+    toml = tmp_path / "other.toml"
+    toml.write_text('name = "t"\ndatasets = ["digits"]\nmodels = ["keras_cnn"]\nmethods = ["gradcam"]\n')
+    assert load_study(toml).methods == ["gradcam"]
+
+
+def test_unknown_study_name_suggests():
+    with pytest.raises(Exception, match="Did you mean 'quick'"):
+        load_study("quik")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bundled studies and cell expansion
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bundled_studies_validate_and_expand():
+    assert list_studies() == sorted(
+        ["quick", "seed-grid", "mnist-cnn", "cifar10-cnn", "kernel-stride", "chest-xray"]
+    )
+    expected = {
+        "quick": ["keras_cnn__digits", "mnist_cnn__digits"],
+        "seed-grid": [
+            f"{m}__{d}"
+            for d in ("mnist", "fashion_mnist", "cifar10")
+            for m in ("mobilenetv2", "efficient_cnn", "resnet18")
+        ],
+        "mnist-cnn": ["mnist_cnn__mnist"],
+        "cifar10-cnn": ["simple_cnn__cifar10"],
+        "kernel-stride": [f"keras_cnn-stride{s}-kernel_size{k}__cifar10" for s in (1, 2, 3) for k in (3, 4)],
+        "chest-xray": [
+            f"{m}__chest_xray" for m in ("transfer_ensemble", "mobilenetv2_imagenet", "densenet169")
+        ],
+    }
+    for name in list_studies():
+        spec = STUDIES.get(name)()
+        cells = expand_cells(spec, data_dir="../shared/datasets")
+        assert [c.name for c in cells] == expected[name], name
+        assert all(c.config.data_dir == "../shared/datasets" for c in cells)
+        assert len({cell_key(spec, c) for c in cells}) == len(cells)  # every cell its own key
+
+
+def test_dataset_roots_reach_their_cells_only():
+    spec = spec_from_dict(
+        tiny(datasets=["digits", "cifar10"], dataset_roots={"cifar10": "../shared/datasets/cifar10-subset"})
+    )
+    roots = {c.dataset: c.config.dataset_root for c in expand_cells(spec)}
+    assert roots == {"digits": None, "cifar10": "../shared/datasets/cifar10-subset"}
+
+
+def test_kernel_stride_cells_build_their_models():
+    spec = load_study("kernel-stride")
+    cells = expand_cells(spec)
+    seen = set()
+    for cell in cells:
+        opts = cell.config.model_options
+        assert opts["padding"] == "same"  # fixed option merged with the grid's
+        seen.add((opts["stride"], opts["kernel_size"]))
+        model = create_model("keras_cnn", in_channels=3, num_classes=10, **opts)
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        assert model.block1.conv.stride == (opts["stride"],) * 2
+        assert model.block1.conv.kernel_size == (opts["kernel_size"],) * 2
+    assert seen == {(s, k) for s in (1, 2, 3) for k in (3, 4)}
+
+
+def test_quick_study_is_offline_and_small():
+    spec = load_study("quick")
+    assert spec.datasets == ["digits"] and 2 <= len(spec.models) <= 3
+    assert spec.sanity_method and spec.metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running, skipping, resuming
+# ---------------------------------------------------------------------------------------------------------
+
+
+class InterruptSecondCell:
+    """A training callback that raises KeyboardInterrupt (as Ctrl-C would) after epoch ``epoch`` of the
+    second cell it sees, and records where each training started."""
+
+    def __init__(self, epoch: int | None) -> None:
+        self.epoch = epoch
+        self.cells: list[str] = []
+        self.starts: dict[str, int] = {}
+
+    def on_train_begin(self, info: dict) -> None:
+        self.cells.append(info["run_dir"].name)
+        self.starts[info["run_dir"].name] = info["start_epoch"]
+
+    def on_epoch_end(self, row: dict) -> None:
+        if self.epoch is not None and len(self.cells) == 2 and row["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def mtimes(folder) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_killed_study_resumes_without_redoing_or_losing_work(tmp_path):
+    spec = spec_from_dict(tiny())
+    first, second = (c.name for c in expand_cells(spec))
+    killer = InterruptSecondCell(epoch=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, out=tmp_path, callbacks=[killer], progress=False)
+    study = tmp_path / "tiny"
+    assert (study / first / "record.json").is_file()
+    assert not (study / second / "record.json").is_file()
+    assert read_json(study / second / "history.json")[-1]["epoch"] == 2  # two epochs checkpointed
+    before = mtimes(study / first)
+
+    watcher = InterruptSecondCell(epoch=None)
+    report = run_study(spec, out=tmp_path, callbacks=[watcher], progress=False)
+    assert report == study / "report.html" and report.is_file()
+    assert watcher.cells == [second]  # the finished cell was not trained again ...
+    assert mtimes(study / first) == before  # ... nor re-explained: no file of it was rewritten
+    assert watcher.starts[second] == 2  # the killed one continued from its last checkpoint
+    history = read_json(study / second / "history.json")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+    # Nothing lost: the resumed cell equals one trained without interruption (deterministic fp32).
+    uninterrupted = run_study(spec, out=tmp_path / "straight", progress=False).parent
+    for cell in (first, second):
+        a = load_file(str(study / cell / "model.safetensors"))
+        b = load_file(str(uninterrupted / cell / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        ra, rb = read_json(study / cell / "record.json"), read_json(uninterrupted / cell / "record.json")
+        assert ra["test"]["confusion_matrix"] == rb["test"]["confusion_matrix"]
+        assert ra["quality"] == rb["quality"]
+
+    # A third run finds every cell finished with the same key: nothing trained, every record reused.
+    watcher = InterruptSecondCell(epoch=None)
+    before = {c: mtimes(study / c) for c in (first, second)}
+    run_study(spec, out=tmp_path, callbacks=[watcher], progress=False)
+    assert watcher.cells == []
+    assert {c: mtimes(study / c) for c in (first, second)} == before
+
+
+def test_changed_settings_redo_only_what_they_affect(tmp_path):
+    spec = spec_from_dict(tiny(option_grid={}, n_misclassified=0, sanity_method=""))
+    (cell,) = expand_cells(spec)
+    record = run_cell(CellTask(spec, cell, str(tmp_path)))
+    assert not record["skipped"] and record["sanity"] is None and record["misclassified"]["figure"] is None
+    weights = (tmp_path / cell.name / "model.safetensors").stat().st_mtime_ns
+
+    # Another metric: the record is redone, the trained model reused.
+    more = spec_from_dict(tiny(option_grid={}, n_misclassified=0, sanity_method="", metrics=["complexity"]))
+    (cell_more,) = expand_cells(more)
+    assert cell_key(more, cell_more) != cell_key(spec, cell)
+    watcher = InterruptSecondCell(epoch=None)
+    record = run_cell(CellTask(more, cell_more, str(tmp_path), callbacks=(watcher,)))
+    assert watcher.cells == [] and not record["skipped"]
+    assert list(record["quality"]["saliency"]) == ["complexity"]
+    assert (tmp_path / cell.name / "model.safetensors").stat().st_mtime_ns == weights
+
+    # Another recipe in the same folder: refused, naming the folder, instead of mixing two runs.
+    other = spec_from_dict(tiny(option_grid={}, train={**tiny()["train"], "lr": 0.01}))
+    (cell_other,) = expand_cells(other)
+    with pytest.raises(CheckpointError, match="another recipe"):
+        run_cell(CellTask(other, cell_other, str(tmp_path)))
+
+
+def test_record_holds_what_the_report_needs(tmp_path):
+    spec = spec_from_dict(tiny(option_grid={}))
+    (cell,) = expand_cells(spec)
+    record = run_cell(CellTask(spec, cell, str(tmp_path)))
+    folder = tmp_path / cell.name
+    cm = torch.tensor(record["test"]["confusion_matrix"])
+    assert cm.sum() == record["test"]["n"] == 359  # digits' test split
+    assert record["misclassified"]["total"] == int(cm.sum() - cm.trace())
+    assert set(record["quality"]) == {"saliency", "gradcam"}
+    for scores in record["quality"].values():
+        assert set(scores) == {"sparseness", "deletion_auc"}
+        assert all(s["n"] == 4 and s["ci_low"] <= s["mean"] <= s["ci_high"] for s in scores.values())
+    assert record["agreement"]["methods"] == ["saliency", "gradcam"]
+    assert record["agreement"]["spearman"][0][0] == pytest.approx(1.0)
+    assert len(record["sanity"]["mean_spearman"]) == len(record["sanity"]["layers"]) > 0
+    assert len(record["gallery"]) == 2
+    for item in record["gallery"]:
+        assert (folder / item["input"]).is_file()
+        assert all((folder / path).is_file() for path in item["maps"].values())
+    maps = load_file(str(folder / "explanations.safetensors"))
+    assert maps["map.saliency"].shape == (4, 1, 16, 16) and maps["images"].shape == (4, 16, 16, 1)
+    assert record["parameters"] > 0 and record["macs"] > 0 and len(record["history"]) == 3
+
+
+def test_cli_runs_a_study_file_and_records_the_command(tmp_path, capsys):
+    path = tmp_path / "one.yaml"
+    spec = tiny(name="one", option_grid={}, metrics=[], sanity_method="", n_misclassified=0)
+    spec["train"] = {**spec["train"], "epochs": 1}
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    assert f"report: {out / 'one' / 'report.html'}" in capsys.readouterr().out
+    assert read_json(out / "one" / "study.json")["command"] == f"xailab run {path} --out {out}"
+    assert main(["run", "--list"]) == 0
+    assert capsys.readouterr().out.split() == list_studies()
+    assert main(["run", "quik"]) == 2  # a typo: a clear one-line error, no traceback
+    assert "Did you mean 'quick'" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+"""The Ray executor: a tiny study on a local Ray instance started here gives the same records as the local
+executor."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from xailab.io import read_json
+from xailab.study import run_study, spec_from_dict
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # Ray workers run one thread per task, so do we
+
+
+SPEC = {
+    "name": "tiny-ray",
+    "datasets": ["digits"],
+    "models": ["keras_cnn"],
+    "model_options": {"keras_cnn": {"image_size": 16}},
+    "option_grid": {"keras_cnn": {"kernel_size": [3, 4]}},
+    "train": {
+        "epochs": 1,
+        "batch_size": 64,
+        "image_size": 16,
+        "train_limit": 256,
+        "precision": "fp32",
+        "deterministic": True,
+    },
+    "methods": ["saliency", "gradcam"],
+    "metrics": ["sparseness", "deletion_auc"],
+    "n_explain": 4,
+    "n_gallery": 2,
+    "sanity_method": "gradcam",
+    "sanity_images": 2,
+}
+COMPARED = ("test", "history_losses", "quality", "agreement", "sanity", "misclassified", "parameters", "macs")
+
+
+def comparable(record: dict) -> dict:
+    """A record without what legitimately differs between runs (timings, the run's own paths)."""
+    out = {k: record[k] for k in COMPARED if k in record}
+    out["history_losses"] = [(r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in record["history"]]
+    return out
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_executor_matches_local(tmp_path, local_ray):
+    spec = spec_from_dict(SPEC)
+    on_ray = run_study(spec, out=tmp_path / "ray", executor="ray", progress=False).parent
+    assert ray.is_initialized()  # an instance the caller started is left running for the caller
+    local = run_study(spec, out=tmp_path / "local", executor="local", progress=False).parent
+    assert read_json(on_ray / "study.json")["executor"] == "ray"
+    cells = read_json(local / "study.json")["cells"]
+    assert len(cells) == 2
+    for cell in cells:
+        a, b = read_json(on_ray / cell / "record.json"), read_json(local / cell / "record.json")
+        assert comparable(a) == comparable(b)
+        wa, wb = (
+            load_file(str(on_ray / cell / "model.safetensors")),
+            load_file(str(local / cell / "model.safetensors")),
+        )
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+        ma = load_file(str(on_ray / cell / "explanations.safetensors"))
+        mb = load_file(str(local / cell / "explanations.safetensors"))
+        for k in ma:
+            torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=0)
+    assert (on_ray / "report.html").is_file()
