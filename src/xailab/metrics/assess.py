@@ -211,12 +211,14 @@ def sanity_figure(sanity: dict[str, RandomisationResult]) -> Figure:
     fig = Figure(figsize=(11.0, 4.0))
     axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("mean_spearman", "mean_ssim"), strict=True):
+        lowest = -0.2
         for method, result in sanity.items():
             values = [1.0, *getattr(result, key).tolist()]
             ax.plot(range(len(values)), values, marker="o", label=method)
+            lowest = min(lowest, min(values) - 0.05)
         layers = next(iter(sanity.values())).layers
         ax.set_xticks(range(len(layers) + 1), ["original", *layers], rotation=60, fontsize=7)
-        ax.set_ylim(-0.2, 1.05)
+        ax.set_ylim(lowest, 1.05)  # anti-correlated maps (below -0.2) must stay visible
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_ylabel("Spearman (|maps|)" if key == "mean_spearman" else "SSIM")
         ax.set_title("cascading randomisation, top layer first", fontsize=10)
