@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -131,6 +133,14 @@ def test_bundled_studies_validate_and_expand():
         assert [c.name for c in cells] == expected[name], name
         assert all(c.config.data_dir == "../shared/datasets" for c in cells)
         assert len({cell_key(spec, c) for c in cells}) == len(cells)  # every cell its own key
+
+
+def test_the_cpu_seed_grid_config_validates_and_reads_the_shared_cifar10_subset():
+    spec = load_study(Path(__file__).parents[1] / "configs" / "seed-grid-cpu.yaml")
+    cells = expand_cells(spec)
+    assert len(cells) == 9 and all(c.config.train_limit == 4000 for c in cells)
+    roots = {c.dataset: c.config.dataset_root for c in cells}
+    assert roots == {"mnist": None, "fashion_mnist": None, "cifar10": "../shared/datasets/cifar10-subset"}
 
 
 def test_dataset_roots_reach_their_cells_only():
