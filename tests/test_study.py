@@ -9,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from study_helpers import tiny
 from xailab.cli import main
 from xailab.errors import CheckpointError, ConfigError
 from xailab.io import read_json
@@ -17,35 +18,6 @@ from xailab.study import STUDIES, expand_cells, list_studies, load_study, run_st
 from xailab.study.runner import CellTask, cell_key, run_cell
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny(**changes) -> dict:
-    """A study small enough for a unit test: two keras_cnn cells (kernel 3 and 4) on 16x16 digits."""
-    spec = {
-        "name": "tiny",
-        "datasets": ["digits"],
-        "models": ["keras_cnn"],
-        "model_options": {"keras_cnn": {"image_size": 16}},
-        "option_grid": {"keras_cnn": {"kernel_size": [3, 4]}},
-        "train": {
-            "epochs": 3,
-            "batch_size": 64,
-            "image_size": 16,
-            "train_limit": 256,
-            "lr": 0.003,
-            "precision": "fp32",
-            "deterministic": True,
-        },
-        "methods": ["saliency", "gradcam"],
-        "metrics": ["sparseness", "deletion_auc"],
-        "n_explain": 4,
-        "n_gallery": 2,
-        "n_misclassified": 2,
-        "sanity_method": "gradcam",
-        "sanity_images": 2,
-    }
-    spec.update(changes)
-    return spec
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,33 +8,14 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from study_helpers import tiny
 from xailab.io import read_json
 from xailab.study import run_study, spec_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # Ray workers run one thread per task, so do we
 
 
-SPEC = {
-    "name": "tiny-ray",
-    "datasets": ["digits"],
-    "models": ["keras_cnn"],
-    "model_options": {"keras_cnn": {"image_size": 16}},
-    "option_grid": {"keras_cnn": {"kernel_size": [3, 4]}},
-    "train": {
-        "epochs": 1,
-        "batch_size": 64,
-        "image_size": 16,
-        "train_limit": 256,
-        "precision": "fp32",
-        "deterministic": True,
-    },
-    "methods": ["saliency", "gradcam"],
-    "metrics": ["sparseness", "deletion_auc"],
-    "n_explain": 4,
-    "n_gallery": 2,
-    "sanity_method": "gradcam",
-    "sanity_images": 2,
-}
+SPEC = tiny(name="tiny-ray", train={**tiny()["train"], "epochs": 1})
 COMPARED = ("test", "history_losses", "quality", "agreement", "sanity", "misclassified", "parameters", "macs")
 
 
