@@ -4,6 +4,24 @@ Importing this package registers every built-in method.
 """
 
 from xailab.explain import cam, gradients, perturbation  # noqa: F401  (imported to register their methods)
-from xailab.explain.base import METHODS, MethodSpec, explain, list_methods, preserved_state, register_method
+from xailab.explain.base import (
+    METHODS,
+    MethodSpec,
+    applicable_methods,
+    explain,
+    list_methods,
+    model_capabilities,
+    preserved_state,
+    register_method,
+)
 
-__all__ = ["METHODS", "MethodSpec", "explain", "list_methods", "preserved_state", "register_method"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "applicable_methods",
+    "explain",
+    "list_methods",
+    "model_capabilities",
+    "preserved_state",
+    "register_method",
+]

@@ -35,6 +35,9 @@ class MethodSpec:
     fn: Callable[..., Tensor]
     reduce: Reduction | Callable[[dict], Reduction]
     description: str = ""
+    # Capabilities the model must declare for the method to apply (see ``model_capabilities``), e.g.
+    # ``{"attention"}`` for attention rollout. Empty: any differentiable image classifier.
+    needs: frozenset[str] = frozenset()
 
     def reduction(self, params: dict) -> Reduction:
         """The default reduction for a call with ``params`` (a wrapper such as SmoothGrad reduces as its base)."""
@@ -45,15 +48,20 @@ METHODS: Registry[MethodSpec] = Registry("method")  # type: ignore[type-var]
 
 
 def register_method(
-    name: str, reduce: Reduction | Callable[[dict], Reduction] = "none", description: str = ""
+    name: str,
+    reduce: Reduction | Callable[[dict], Reduction] = "none",
+    description: str = "",
+    needs: frozenset[str] | set[str] = frozenset(),
 ):
     """Decorator registering ``fn(model, inputs, target, **params) -> Tensor`` as method ``name``.
 
-    ``reduce`` is the channel reduction, or a function of the call's params returning it.
+    ``reduce`` is the channel reduction, or a function of the call's params returning it; ``needs`` the
+    model capabilities the method requires (``model_capabilities``).
     """
 
     def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        METHODS.register(name)(MethodSpec(name, fn, reduce, description or (fn.__doc__ or "").split("\n")[0]))
+        doc = description or (fn.__doc__ or "").split("\n")[0]
+        METHODS.register(name)(MethodSpec(name, fn, reduce, doc, frozenset(needs)))
         return fn
 
     return add
@@ -87,6 +95,21 @@ def default_batch_size(inputs: Tensor, grad: bool) -> int:
 def list_methods() -> list[str]:
     """Names of every registered explanation method."""
     return METHODS.names()
+
+
+def model_capabilities(model: nn.Module) -> frozenset[str]:
+    """What ``model`` offers to explanation methods: ``"conv"`` when it has a ``Conv2d``, plus whatever it
+    declares in a ``capabilities`` attribute (a ViT declares e.g. ``{"attention", "tokens"}``)."""
+    caps = set(getattr(model, "capabilities", ()))
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        caps.add("conv")
+    return frozenset(caps)
+
+
+def applicable_methods(model: nn.Module) -> list[str]:
+    """Names of the registered methods whose ``needs`` ``model`` meets (what a face should offer for it)."""
+    caps = model_capabilities(model)
+    return [name for name in METHODS.names() if METHODS.get(name).needs <= caps]
 
 
 def reduce_channels(attribution: Tensor, how: Reduction) -> Tensor:
