@@ -22,6 +22,7 @@ from xailab.metrics import (
     spearman,
     summarise,
 )
+from xailab.metrics.localisation import LOCALISATION_METRICS
 from xailab.metrics.randomisation import random_logit, random_off_targets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -188,6 +189,10 @@ CHEAP = {
     "infidelity": {"n_samples": 8},
     "road": {"percentages": (20, 60)},
 }
+# The localisation metrics score against a ground-truth mask [B, 1, H, W] (tests/test_localisation.py).
+GROUND_TRUTH = torch.zeros(5, 1, H, W, dtype=torch.bool)
+GROUND_TRUTH[:, :, 2:5, 3:7] = True
+CHEAP.update({name: {"mask": GROUND_TRUTH} for name in (*LOCALISATION_METRICS, "focus")})
 
 
 @pytest.mark.parametrize("name", list_metrics())

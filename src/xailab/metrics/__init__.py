@@ -5,6 +5,7 @@ Not to be confused with ``xailab.train.metrics`` (accuracy, F1, ... of a classif
 """
 
 from xailab.metrics import complexity, faithfulness, randomisation, robustness  # noqa: F401  (registers)
+from xailab.metrics import localisation  # noqa: F401  (registers the ground-truth metrics)
 from xailab.metrics.agreement import agreement_matrix, topk_iou
 from xailab.metrics.base import (
     DEFAULT_METRICS,
