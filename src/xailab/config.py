@@ -1,12 +1,22 @@
-"""Frozen-dataclass configs from dicts, YAML or TOML, validated with errors that name the key."""
+"""The one validation layer: frozen-dataclass configs and records from dicts, YAML, TOML or JSON, typed and
+bounded, with errors that name the field, the bad value and the valid range.
+
+A field declares its bounds with ``bounded(...)`` (a ``dataclasses.field`` carrying a ``Bounds``);
+``from_dict(cls, data, where)`` checks keys, types (recursively through nested dataclasses, lists, tuples
+and dicts) and bounds; ``check_bounds(obj)`` checks an already built object (call it in ``__post_init__``
+so direct construction is validated too). Every face (CLI flags, study files, web forms, JSON records on
+disk) goes through ``from_dict``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +25,88 @@ import yaml
 from xailab.errors import ConfigError
 
 C = TypeVar("C")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a number (``low``/``high``, each inclusive unless ``*_open``) or a set of ``choices``.
+
+    Numbers must also be finite; ``None`` (for an optional field) is always accepted.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def describe(self) -> str:
+        """The valid range in words: ``>= 1``, ``in [0, 1)``, ``one of 1, 3``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(repr, self.choices))
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return "a finite number"
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is valid (None always is: optional fields carry None); a list or tuple is valid
+        when every item is."""
+        if value is None:
+            return True
+        if isinstance(value, list | tuple):
+            return all(self.contains(v) for v in value)
+        if self.choices is not None:
+            return value in self.choices
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ``ConfigError`` naming ``name``, the bad value and the valid range unless ``value`` is valid."""
+        if not self.contains(value):
+            raise ConfigError(f"{name}: {value!r} is out of range; valid: {self.describe()}")
+
+
+def bounded(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
+    """A dataclass field with a help text and bounds: ``epochs: int = bounded(10, low=1, help="...")``."""
+    metadata: dict[str, Any] = {"help": help}
+    if low is not None or high is not None or choices is not None:
+        metadata["bounds"] = Bounds(low, high, low_open, high_open, choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_bounds(f: dataclasses.Field) -> Bounds | None:
+    """The ``Bounds`` a field declared with ``bounded`` (None if it declared none)."""
+    return f.metadata.get("bounds")
+
+
+def check_bounds(obj: Any, where: str | None = None) -> None:
+    """Check every bounded field of dataclass instance ``obj``; the error names ``where.field``."""
+    where = where or type(obj).__name__
+    for f in dataclasses.fields(obj):
+        bounds = field_bounds(f)
+        if bounds is not None:
+            bounds.check(_key(where, f.name), getattr(obj, f.name))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -41,11 +133,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _key(where: str, key: str) -> str:
+    """``where.key``, or ``where key`` when ``where`` ends with a colon (``runs/a/config.json: train``)."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
-    """Coerce ``value`` to ``annotation`` where it is lossless (int -> float), else raise naming the key."""
+    """Coerce ``value`` to ``annotation`` where it is lossless (int -> float, list -> tuple), else raise
+    naming the key; nested dataclasses are built with ``from_dict``."""
     origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
         errors = []
@@ -56,46 +161,76 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
                 return _check_type(name, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {_short(value)}")
     if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
+        if value not in args:
             raise ConfigError(
-                f"{name}: {value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+                f"{name}: {_short(value)} is not valid; choose one of {', '.join(map(repr, args))}"
             )
         return value
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {_short(value)}")
+        return from_dict(annotation, value, where=name)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ConfigError(f"{name}: expected {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{name}: expected {annotation.__name__}, got {_short(value)}")
         return value
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {_short(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[int, int]
+            if len(value) != len(args):
+                raise ConfigError(f"{name}: expected {len(args)} values, got {_short(value)}")
+            items = [
+                _check_type(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))
+            ]
+        else:
+            item = args[0] if args else Any
+            items = [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(items) if (origin or annotation) is tuple else items
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping, got {_short(value)}")
+        if len(args) == 2 and args[1] is not Any:
+            return {k: _check_type(f"{name}.{k}", v, args[1]) for k, v in value.items()}
         return dict(value)
     return value
 
 
-def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ``ConfigError`` naming the key."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
+    """Build dataclass ``cls`` from ``data``: unknown or missing keys, bad types and out-of-range values raise
+    ``ConfigError`` naming ``where.key``, the bad value and what is valid."""
+    name = where.rstrip(":")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys to values, got {_short(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C is a dataclass
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        key = unknown[0]
+        key = str(unknown[0])
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(fields)}.")
-    values = {k: _check_type(f"{where}.{k}", v, hints[k]) for k, v in data.items()}
+        raise ConfigError(f"{name}: unknown key {key!r}.{hint} Valid keys: {', '.join(fields)}.")
     missing = [
         n
         for n, f in fields.items()
-        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-    return cls(**values)
+        raise ConfigError(f"{name}: missing required key(s) {', '.join(missing)}")
+    values = {k: _check_type(_key(where, k), v, hints[k]) for k, v in data.items()}
+    for k, v in values.items():
+        bounds = field_bounds(fields[k])
+        if bounds is not None:
+            bounds.check(_key(where, k), v)
+    try:
+        return cls(**values)
+    except ConfigError as e:  # a cross-field check of __post_init__: say where the values came from
+        message = str(e)
+        raise ConfigError(message if message.startswith(name) else f"{name}: {message}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -25,4 +25,8 @@ class CheckpointError(XailabError):
 
 
 class TrainingDiverged(XailabError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN, infinite or far above its start; the message says which checkpoint is kept."""
+
+
+class LockedError(XailabError):
+    """A run or study folder is in use by another process; the message names the folder and its pid."""

@@ -6,12 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from xailab.config import from_dict, to_dict
-from xailab.errors import ConfigError
+from xailab.config import bounded, check_bounds, from_dict, to_dict
 
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+# Every model needs a few pixels after its poolings; the largest size guards against a typo allocating
+# terabytes (100000 x 100000 images).
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -26,62 +26,76 @@ class TrainConfig:
 
     model: str = field(metadata={"help": "model name (see `xailab models`)"})
     dataset: str = field(metadata={"help": "dataset name (see `xailab datasets`)"})
-    epochs: int = _opt(10, "number of epochs")
-    batch_size: int = _opt(128, "training batch size (global: split over the processes of a DDP run)")
-    optimizer: Literal["adam", "adamw", "sgd"] = _opt("adam", "optimiser; sgd is SGD with Nesterov momentum")
-    lr: float = _opt(1e-3, "base (peak, for onecycle) learning rate")
-    weight_decay: float = _opt(0.0, "weight decay of the optimiser")
-    momentum: float = _opt(0.9, "SGD momentum")
-    schedule: Literal["plateau", "onecycle", "cosine", "constant"] = _opt("plateau", "learning-rate schedule")
-    warmup_epochs: float = _opt(
-        0.0, "linear warm-up for cosine; peak position for onecycle (0: 30%% of the run)"
+    epochs: int = bounded(10, low=1, high=100_000, help="number of epochs")
+    batch_size: int = bounded(
+        128, low=1, high=1 << 20, help="training batch size (global: split over the processes of a DDP run)"
     )
-    plateau_factor: float = _opt(0.5, "ReduceLROnPlateau: factor applied to the rate")
-    plateau_patience: int = _opt(2, "ReduceLROnPlateau: epochs without improvement before reducing")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
-    early_stopping: int = _opt(0, "stop after this many epochs without improvement (0: off)")
-    monitor: Literal["val_loss", "val_accuracy"] = _opt("val_loss", "what picks the best weights")
-    val_fraction: float = _opt(0.1, "stratified fraction of train held out for validation")
-    class_balance: Literal["none", "weights", "sampler"] = _opt(
-        "none", "for imbalanced sets: loss weights or balanced batches"
+    optimizer: Literal["adam", "adamw", "sgd"] = bounded(
+        "adam", help="optimiser; sgd is SGD with Nesterov momentum"
     )
-    augment: bool = _opt(True, "the dataset's training augmentation (crop, flip where meaningful)")
-    image_size: int | None = _opt(None, "input size (default: the model's)")
-    channels: int | None = _opt(None, "1 or 3 input channels (default: the dataset's)")
-    train_limit: int | None = _opt(None, "train on a stratified subset of this many images")
-    precision: Literal["auto", "fp32", "bf16"] = _opt(
-        "auto", "auto: bf16 autocast where the hardware runs it natively"
+    lr: float = bounded(1e-3, low=0, low_open=True, help="base (peak, for onecycle) learning rate")
+    weight_decay: float = bounded(0.0, low=0, help="weight decay of the optimiser")
+    momentum: float = bounded(0.9, low=0, high=1, high_open=True, help="SGD momentum")
+    schedule: Literal["plateau", "onecycle", "cosine", "constant"] = bounded(
+        "plateau", help="learning-rate schedule"
     )
-    channels_last: bool | None = _opt(
-        None, "channels_last memory format; default: on with CUDA or native bf16"
+    warmup_epochs: float = bounded(
+        0.0, low=0, help="linear warm-up for cosine; peak position for onecycle (0: 30%% of the run)"
     )
-    compile: bool = _opt(False, "torch.compile the model")
-    deterministic: bool = _opt(False, "deterministic algorithms (bit-exact reruns)")
-    seed: int = _opt(0, "seed of initialisation, split, data order and augmentation")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    eval_batch_size: int = _opt(512, "batch size of evaluation")
-    data_dir: str | None = _opt(None, "folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
-    dataset_root: str | None = _opt(None, "read the dataset from this folder instead")
+    plateau_factor: float = bounded(
+        0.5,
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+        help="ReduceLROnPlateau: factor applied to the rate",
+    )
+    plateau_patience: int = bounded(
+        2, low=0, help="ReduceLROnPlateau: epochs without improvement before reducing"
+    )
+    label_smoothing: float = bounded(
+        0.0, low=0, high=1, high_open=True, help="label smoothing of the cross-entropy"
+    )
+    early_stopping: int = bounded(0, low=0, help="stop after this many epochs without improvement (0: off)")
+    monitor: Literal["val_loss", "val_accuracy"] = bounded("val_loss", help="what picks the best weights")
+    val_fraction: float = bounded(
+        0.1, low=0, high=1, high_open=True, help="stratified fraction of train held out for validation"
+    )
+    class_balance: Literal["none", "weights", "sampler"] = bounded(
+        "none", help="for imbalanced sets: loss weights or balanced batches"
+    )
+    augment: bool = bounded(True, help="the dataset's training augmentation (crop, flip where meaningful)")
+    image_size: int | None = bounded(
+        None, low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE, help="input size (default: the model's)"
+    )
+    channels: int | None = bounded(
+        None, choices=(1, 3), help="1 or 3 input channels (default: the dataset's)"
+    )
+    train_limit: int | None = bounded(None, low=1, help="train on a stratified subset of this many images")
+    precision: Literal["auto", "fp32", "bf16"] = bounded(
+        "auto", help="auto: bf16 autocast where the hardware runs it natively"
+    )
+    channels_last: bool | None = bounded(
+        None, help="channels_last memory format; default: on with CUDA or native bf16"
+    )
+    compile: bool = bounded(False, help="torch.compile the model")
+    deterministic: bool = bounded(False, help="deterministic algorithms (bit-exact reruns)")
+    seed: int = bounded(
+        0, low=0, high=2**63 - 1, help="seed of initialisation, split, data order and augmentation"
+    )
+    device: str = bounded("auto", help="auto, cpu, cuda, cuda:1, ...")
+    eval_batch_size: int = bounded(512, low=1, high=1 << 20, help="batch size of evaluation")
+    data_dir: str | None = bounded(
+        None, help="folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)"
+    )
+    dataset_root: str | None = bounded(None, help="read the dataset from this folder instead")
     model_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "options of the model"})
     dataset_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the dataset loader"}
     )
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "val_fraction": 0 <= self.val_fraction < 1,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "early_stopping": self.early_stopping >= 0,
-            "channels": self.channels in (None, 1, 3),
-            "train_limit": self.train_limit is None or self.train_limit >= 1,
-            "plateau_factor": 0 < self.plateau_factor < 1,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"train config: invalid {key} = {getattr(self, key)!r}")
+        check_bounds(self, "train")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
