@@ -1,0 +1,68 @@
+"""Device helpers shared by every layer (training, explanations, metrics, the autotuner).
+
+They import nothing of xailab, so ``explain/`` can use them without importing ``train/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; any other string is passed to ``torch.device``."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_name() -> str:
+    """The processor's model name (``platform.processor()`` is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """What runs the work on ``device``: the CUDA device name, or the CPU model name with the number of
+    threads torch uses (the fastest chunk size depends on both)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast *should* speed this device up (CUDA with bf16, or a CPU with native bf16 in
+    oneDNN): the fixed rule used when autotuning is off (``xailab.autotune`` measures instead).
+
+    On CPUs without AVX-512 BF16/AMX, bf16 convolutions are emulated and several times slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """An autocast context for ``dtype`` on ``device``, or a no-op when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU), so a wall clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,227 @@
+"""The autotuner: choices from (injected) timings, the on-disk cache, the bf16 accuracy guard, the off switch
+and explicit settings. Timings are injected through ``timer`` so no test times anything real for long."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from xailab import autotune
+from xailab.autotune import Config, choose, tune
+from xailab.device import bf16_is_fast
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class Tiny(nn.Module):
+    """A small conv net ``[B, 1, 8, 8] -> [B, 3]``; ``perturb`` adds a large input-dependent term to the
+    logits only under autocast, i.e. a bf16 path that breaks the explanations."""
+
+    def __init__(self, channels: int = 4, perturb: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels * 16, 3)
+        self.perturb = perturb
+        self.register_buffer("r", torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(nn.functional.avg_pool2d(self.bn(self.conv(x)).relu(), 2).flatten(1))
+        if self.perturb and torch.is_autocast_enabled(x.device.type):
+            out = out + 50 * (x**2 * self.r).sum((1, 2, 3))[:, None]
+        return out
+
+
+class FakeTimer:
+    """``seconds_per_image(pass, config)`` as the timing of a call; counts the calls, runs nothing."""
+
+    def __init__(self, seconds_per_image: Callable[[str, Config], float]):
+        self.seconds_per_image = seconds_per_image
+        self.calls: list[tuple[str, Config]] = []
+
+    def __call__(self, pass_name: str, config: Config, run: Callable[[], object]) -> float:
+        self.calls.append((pass_name, config))
+        return self.seconds_per_image(pass_name, config) * config.batch
+
+
+def avx2_like(pass_name: str, c: Config) -> float:
+    """bf16 emulated (8x slower), channels_last 10% faster, chunks fastest at 64 images."""
+    s = 1e-3 * (8 if c.precision == "bf16" else 1) * (0.9 if c.channels_last else 1)
+    return s * (1 + abs(c.batch.bit_length() - 7) * 0.05)  # 64 has bit_length 7
+
+
+def bf16_cpu_like(pass_name: str, c: Config) -> float:
+    """bf16 twice as fast, best with channels_last; chunks fastest at 32 images."""
+    s = 1e-3 * (0.5 if c.precision == "bf16" else 1) * (0.8 if c.channels_last else 1)
+    return s * (1 + abs(c.batch.bit_length() - 6) * 0.05)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache dir (also as XAILAB_CACHE_DIR) with autotuning switched on."""
+    monkeypatch.setenv("XAILAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "1")
+    return tmp_path / "autotune"
+
+
+def test_choose_is_a_pure_function_of_the_timings():
+    a, b, c = Config("fp32", False, 32), Config("fp32", True, 32), Config("bf16", True, 32)
+    assert choose({a: 2.0, b: 1.0, c: 0.5}) == c
+    assert choose({a: 2.0, b: 1.0, c: 0.5}, allow_bf16=False) == b
+    assert choose({a: 1.0, b: 1.0}) == a  # a tie goes to the simpler configuration
+    assert choose({b: 1.0, a: 1.0}) == a  # whatever the order of the table
+    with pytest.raises(autotune.ConfigError):
+        choose({c: 1.0}, allow_bf16=False)
+
+
+def test_the_choice_follows_the_measurements_not_the_processor(cache):
+    model = Tiny()
+    avx2 = tune(model, (1, 8, 8), timer=FakeTimer(avx2_like), cache_dir=cache / "a")
+    assert {p: (c.precision, c.channels_last) for p, c in avx2.choices.items()} == {
+        "train_step": ("fp32", True),
+        "forward": ("fp32", True),
+        "input_grad": ("fp32", True),
+    }
+    assert avx2.choices["forward"].batch == 64
+    assert avx2.choices["input_grad"].batch == 64  # the cap with gradients for 8x8 images is 256
+    assert avx2.rank_correlation is None  # bf16 never won: no accuracy check needed
+    fast = tune(model, (1, 8, 8), timer=FakeTimer(bf16_cpu_like), cache_dir=cache / "b")
+    assert fast.choices["train_step"] == Config("bf16", True, 32)
+    assert fast.choices["forward"] == Config("bf16", True, 32)
+    assert fast.rank_correlation is not None and fast.rank_correlation >= autotune.RANK_GUARD
+
+
+def test_clear_losers_cost_one_small_probe_and_the_sweep_stops_past_the_peak(cache):
+    timer = FakeTimer(avx2_like)
+    tune(Tiny(), (1, 8, 8), passes=("forward",), timer=timer, cache_dir=cache)
+    bf16_calls = [c for _, c in timer.calls if c.precision == "bf16"]
+    assert bf16_calls and all(c.batch == 2 for c in bf16_calls)  # the stage-0 probe (16 / 8), nothing more
+    batches = [c.batch for _, c in timer.calls if c.precision == "fp32" and c.channels_last]
+    assert batches == [2, 16, 32, 64, 128, 256]  # 128 and 256 slower than 64: stop, 512 never tried
+
+
+def test_a_second_call_measures_nothing(cache):
+    model = Tiny()
+    first_timer, second_timer = FakeTimer(avx2_like), FakeTimer(avx2_like)
+    first = tune(model, (1, 8, 8), timer=first_timer, cache_dir=cache)
+    assert first_timer.calls and not first.cached
+    trained = Tiny()  # other weights, same architecture: same fingerprint, same decision
+    second = tune(trained, (5, 1, 8, 8), timer=second_timer, cache_dir=cache)
+    assert second_timer.calls == []
+    assert second.cached and second.choices == first.choices and second.timings == first.timings
+    assert second.path == first.path and first.path.is_file()
+    other = tune(Tiny(channels=6), (1, 8, 8), timer=second_timer, cache_dir=cache)  # another architecture
+    assert second_timer.calls and other.path != first.path
+
+
+def test_a_missing_pass_is_measured_alone_and_merged(cache):
+    timer = FakeTimer(avx2_like)
+    tune(Tiny(), (1, 8, 8), passes=("train_step",), timer=timer, cache_dir=cache)
+    timer.calls.clear()
+    both = tune(Tiny(), (1, 8, 8), passes=("train_step", "forward"), timer=timer, cache_dir=cache)
+    assert {p for p, _ in timer.calls} == {"forward"}
+    assert set(both.timings) == {"train_step", "forward"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # truncated: corrupt JSON
+        lambda text: text.replace('"seconds_per_image": ', '"seconds_per_image": -'),  # impossible timing
+        lambda text: text.replace(f'"version": {autotune.VERSION}', '"version": 0'),  # an older format
+        lambda text: text.replace(torch.__version__, "1.0.0"),  # stale: written by another torch
+    ],
+    ids=["truncated", "negative-timing", "old-format", "other-torch"],
+)
+def test_a_corrupt_or_stale_cache_file_is_ignored_with_a_warning_and_rewritten(cache, caplog, damage):
+    model = Tiny()
+    first = tune(model, (1, 8, 8), timer=FakeTimer(avx2_like), cache_dir=cache)
+    first.path.write_text(damage(first.path.read_text()))
+    timer = FakeTimer(avx2_like)
+    with caplog.at_level(logging.WARNING, logger="xailab.autotune"):
+        again = tune(model, (1, 8, 8), timer=timer, cache_dir=cache)
+    assert any("ignoring autotune cache" in r.message for r in caplog.records)
+    assert timer.calls and again.choices == first.choices
+    assert json.loads(first.path.read_text()) == again.to_dict()  # rewritten whole
+    assert tune(model, (1, 8, 8), timer=timer, cache_dir=cache).cached
+
+
+def test_the_fast_mode_stays_fp32_when_bf16_breaks_the_rank_correlation_guard(cache, monkeypatch):
+    broken = Tiny(perturb=True)
+    tuning = tune(broken, (1, 8, 8), timer=FakeTimer(bf16_cpu_like))
+    assert tuning.rank_correlation < autotune.RANK_GUARD
+    assert tuning.choices["train_step"].precision == "bf16"  # training has no such guard
+    assert tuning.choices["forward"].precision == "fp32"
+    assert tuning.choices["input_grad"].precision == "fp32"
+    assert tuning.best("forward", precision="bf16").precision == "bf16"  # an explicit bf16 is obeyed
+    x = torch.randn(4, 1, 8, 8)
+    assert autotune.explain_precision(broken, x, "auto") == "fp32"  # reads the cache written above
+    assert autotune.explain_precision(broken, x, "bf16") == "bf16"
+    sound = Tiny()
+    tune(sound, (1, 8, 8), timer=FakeTimer(bf16_cpu_like), cache_dir=None, refresh=True)
+    assert autotune.explain_precision(sound, x, "auto") == "bf16"  # bf16 faster and accurate
+    assert autotune.chunk_size(sound, x, grad=False) == 32
+
+
+def test_the_off_switch_falls_back_to_the_fixed_rules_and_measures_nothing(cache, monkeypatch):
+    model, x, cpu = Tiny(), torch.randn(2, 1, 8, 8), torch.device("cpu")
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "0")
+    rule = "bf16" if bf16_is_fast(cpu) else "fp32"
+    assert autotune.train_settings(model, x.shape, cpu) == (rule, rule == "bf16")
+    assert autotune.explain_precision(model, x, "auto") == rule
+    assert autotune.chunk_size(model, x, grad=True) is None  # the caller keeps its rule
+    assert not cache.exists()  # nothing measured, nothing written
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "1")
+    assert not autotune.enabled(False) and autotune.enabled()
+    assert autotune.chunk_size(model, x, grad=True, autotune=False) is None
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "off")
+    assert autotune.enabled(True) and not autotune.enabled()
+
+
+def test_explicit_settings_win(cache):
+    model, cpu = Tiny(), torch.device("cpu")
+    timer = FakeTimer(bf16_cpu_like)
+    options = {"timer": timer}
+    assert autotune.train_settings(model, (1, 8, 8), cpu, "fp32", False, tune_options=options) == (
+        "fp32",
+        False,
+    )
+    assert timer.calls == [] and not cache.exists()  # fully explicit: nothing to measure
+    assert autotune.train_settings(model, (1, 8, 8), cpu, tune_options=options) == ("bf16", True)
+    assert autotune.train_settings(model, (1, 8, 8), cpu, "fp32", tune_options=options) == ("fp32", True)
+    assert autotune.train_settings(model, (1, 8, 8), cpu, channels_last=False, tune_options=options) == (
+        "bf16",
+        False,
+    )
+    with pytest.raises(autotune.ConfigError, match="precision='fp16'"):
+        autotune.train_settings(model, (1, 8, 8), cpu, "fp16")
+
+
+def test_the_fingerprint_is_the_architecture_not_the_weights():
+    assert autotune.fingerprint(Tiny()) == autotune.fingerprint(Tiny())
+    assert autotune.fingerprint(Tiny()) != autotune.fingerprint(Tiny(channels=5))
+    strided = Tiny()
+    strided.conv = nn.Conv2d(1, 4, 3, padding=1, stride=2)  # same shapes, other settings
+    assert autotune.fingerprint(strided) != autotune.fingerprint(Tiny())
+
+
+def test_real_tuning_runs_on_copies_and_leaves_the_model_alone(cache):
+    model = Tiny().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tuning = tune(model, (1, 8, 8), budget_s=0.2, train_batch=8)
+    finally:
+        handle.remove()
+    assert calls == [] and model.training and "forward" not in vars(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN statistics too
+    assert set(tuning.choices) == set(autotune.PASSES)
+    assert all(s > 0 for t in tuning.timings.values() for s in t.values())
+    text = tuning.table()
+    assert "<- chosen" in text and "train_step" in text and "choice:" in text
