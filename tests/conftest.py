@@ -9,6 +9,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Tests run the fixed configuration rules (``XAILAB_AUTOTUNE=0``): measuring speed would make results
+    depend on the machine and its load, and cost seconds per new model. ``tests/test_autotune.py`` turns the
+    autotuner on where it tests it."""
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "0")
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The shared dataset folder: ``XAILAB_DATA_DIR``, else ``<repo>/../shared/datasets``; skip if absent.
