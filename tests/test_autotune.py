@@ -225,3 +225,51 @@ def test_real_tuning_runs_on_copies_and_leaves_the_model_alone(cache):
     assert all(s > 0 for t in tuning.timings.values() for s in t.values())
     text = tuning.table()
     assert "<- chosen" in text and "train_step" in text and "choice:" in text
+
+
+def test_explanations_take_the_tuned_chunk_and_precision(cache, monkeypatch):
+    from xailab.explain import explain
+    from xailab.explain.batching import default_batch_size
+
+    x = torch.randn(3, 1, 8, 8)
+    sound, broken = Tiny(), Tiny(channels=5, perturb=True)  # another architecture: its own cache entry
+    for model in (sound, broken):
+        tune(model, x.shape, timer=FakeTimer(bf16_cpu_like), passes=autotune.EXPLAIN_PASSES, sample=x)
+    assert default_batch_size(x, grad=False, model=sound) == 32  # the measured peak, not the fixed rule
+    fp32 = explain(sound, x, "saliency", precision="fp32")
+    auto = explain(sound, x, "saliency", precision="auto")
+    assert torch.equal(auto, explain(sound, x, "saliency", precision="bf16")) and not torch.equal(auto, fp32)
+    assert torch.equal(explain(broken, x, "saliency", precision="auto"), explain(broken, x, "saliency"))
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "0")
+    rule = default_batch_size(x, grad=False)
+    assert default_batch_size(x, grad=False, model=sound) == rule != 32
+
+
+def test_training_takes_the_tuned_precision_and_layout_unless_set(cache):
+    from xailab.train import TrainConfig
+    from xailab.train.loop import resolve_precision
+
+    model, cpu = Tiny(), torch.device("cpu")
+    tune(model, (1, 8, 8), passes=("train_step",), timer=FakeTimer(bf16_cpu_like), train_batch=32)
+    auto = TrainConfig(model="mnist_cnn", dataset="digits")
+    assert resolve_precision(auto, cpu, model, (1, 8, 8), 128) == (torch.bfloat16, True)
+    exact = TrainConfig(model="mnist_cnn", dataset="digits", precision="fp32")
+    assert resolve_precision(exact, cpu, model, (1, 8, 8), 128) == (None, True)  # fp32's fastest layout
+    nchw = TrainConfig(model="mnist_cnn", dataset="digits", channels_last=False)
+    assert resolve_precision(nchw, cpu, model, (1, 8, 8), 128) == (torch.bfloat16, False)
+
+
+def test_the_speed_command_prints_the_table_and_the_choice(cache, capsys):
+    from xailab import cli
+    from xailab.models import create_model, random_init_options
+
+    model = create_model("mnist_cnn", in_channels=1, num_classes=10, **random_init_options("mnist_cnn"))
+    tune(model, (1, 28, 28), torch.device("cpu"), timer=FakeTimer(avx2_like))  # what `speed` will find
+    assert cli.main(["speed", "--model", "mnist_cnn", "--channels", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cached:" in out  # nothing measured
+    chosen = [line for line in out.splitlines() if line.endswith("<- chosen")]
+    assert len(chosen) == 3 and all("fp32 channels_last" in line for line in chosen)
+    assert any(line.startswith("forward") and " 64 " in line for line in chosen)
+    assert f"{1 / (1e-3 * 0.9):.1f}" in out  # the injected 0.9 ms per image, as images/s
+    assert out.strip().splitlines()[-1].startswith("choice: train_step: fp32 channels_last")

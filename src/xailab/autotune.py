@@ -537,7 +537,8 @@ def tune(
     timings = dict(cached.timings) if cached is not None else {}
     rank = cached.rank_correlation if cached is not None else None
     start = time.perf_counter()
-    bench = _Bench(model, input_shape, device, sample)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        bench = _Bench(model, input_shape, device, sample)
     timer = timer if timer is not None else WallClock(device)
 
     def allow_bf16(winner: Config) -> bool:
@@ -551,11 +552,14 @@ def tune(
             logger.info("autotune: bf16 vs fp32 maps, mean per-image Spearman %.4f", rank)
         return rank >= RANK_GUARD
 
-    for p in passes:
-        if p not in timings:
-            timings[p] = _measure_pass(bench, p, timer, train_batch, budget_s, allow_bf16)
-            if p in EXPLAIN_PASSES:
-                allow_bf16(choose(timings[p]))  # the guard whenever bf16 is the fastest
+    # Measuring must not move the global random state (dropout in timed training steps would otherwise
+    # change a run depending on whether the cache already held its decision).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for p in passes:
+            if p not in timings:
+                timings[p] = _measure_pass(bench, p, timer, train_batch, budget_s, allow_bf16)
+                if p in EXPLAIN_PASSES:
+                    allow_bf16(choose(timings[p]))  # the guard whenever bf16 is the fastest
     seconds = time.perf_counter() - start + (cached.seconds if cached is not None else 0.0)
     tuning = Tuning(key, fields, timings, rank, seconds, path)
     write_json(path, tuning.to_dict())
