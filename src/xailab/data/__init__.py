@@ -13,6 +13,7 @@ from pathlib import Path
 
 from xailab.data import cifar, folders, idx, transforms
 from xailab.data import digits as _digits  # noqa: F401  (imported to register its loader)
+from xailab.data import shortcut as _shortcut  # noqa: F401  (registers the planted-shortcut wrapper)
 from xailab.data.base import (
     DATASETS,
     Augment,

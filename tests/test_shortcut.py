@@ -1,0 +1,171 @@
+"""Planted shortcuts: masks match the pixels the marker changed byte for byte, the control leaves the data
+untouched, options are validated, a tiny model trained on a fully correlated marker relies on it and its
+gradients concentrate on it, and the bundled ``shortcut`` study kind runs end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xailab.data import load_dataset
+from xailab.data.base import Dataset, ImageSet
+from xailab.data.shortcut import (
+    MarkedImageSet,
+    ShortcutConfig,
+    marker_pixels,
+    plant_shortcut,
+    plant_where,
+)
+from xailab.data.transforms import to_model_input
+from xailab.errors import ConfigError, UnknownNameError
+from xailab.explain import explain
+from xailab.metrics.localisation import relevance_mass_accuracy
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def noise_dataset(n: int = 40, size: int = 12, channels: int = 1, classes: int = 2, seed: int = 0) -> Dataset:
+    """Uniform noise in 0..254 (never the marker's 255, so every written pixel changes), labels cycling."""
+    g = torch.Generator().manual_seed(seed)
+    splits = {}
+    for i, split in enumerate(("train", "test")):
+        images = torch.randint(0, 255, (n, size, size, channels), generator=g, dtype=torch.uint8)
+        splits[split] = ImageSet(images, (torch.arange(n) + i) % classes)
+    return Dataset(
+        "noise", splits, tuple(str(c) for c in range(classes)), (0.5,) * channels, (0.29,) * channels
+    )
+
+
+@pytest.mark.parametrize(
+    ("marker", "position", "channels"),
+    [("tag", "corner", 1), ("square", "random", 3), ("patch", "random", 1), ("tag", "random", 3)],
+)
+def test_masks_match_the_pixels_changed_byte_for_byte(marker, position, channels):
+    ds = noise_dataset(channels=channels)
+    config = ShortcutConfig(classes=["1"], marker=marker, size=5, position=position, splits=["train"], seed=3)
+    planted = plant_shortcut(ds, config)
+    train = planted["train"]
+    assert isinstance(train, MarkedImageSet) and train.masks.shape == (40, 1, 12, 12)
+    changed = (train.images != ds["train"].images).any(-1)  # [N, H, W]
+    if marker == "patch":  # a random texture may repeat a pixel's own value: written, not changed
+        assert (changed <= train.masks[:, 0]).all()
+        written = train.images[train.masks[:, 0]]
+        assert written.shape[0] == int(train.masks.sum())
+    else:
+        assert torch.equal(changed, train.masks[:, 0])
+        colour = torch.full((channels,), 255, dtype=torch.uint8)
+        assert (train.images[train.masks[:, 0]] == colour).all()
+    assert torch.equal(train.marked, ds["train"].labels == 1)  # strength 1: every image of class 1, no other
+    assert torch.equal(train.masks.flatten(1).any(1), train.marked)
+    untouched = planted["test"]
+    assert torch.equal(untouched.images, ds["test"].images) and not untouched.masks.any()
+    if position == "random":  # a different place per image, always whole inside the image
+        rows = train.masks[train.marked].any(-1).float().argmax(-1).flatten()
+        assert rows.unique().numel() > 1
+
+
+def test_the_tag_is_an_L_and_the_corner_is_where_asked():
+    config = ShortcutConfig(classes=[0], size=7, corner="bottom_right", margin=2)
+    _, mask = marker_pixels(config, 1)
+    assert mask.shape == (7, 5) and mask[:, 0].all() and mask[-1].all() and int(mask.sum()) == 11
+    ds = noise_dataset()
+    train = plant_shortcut(ds, config)["train"]
+    m = train.masks[train.marked][0, 0]
+    rows, cols = m.nonzero().unbind(1)
+    assert int(rows.max()) == 12 - 1 - 2 and int(cols.max()) == 12 - 1 - 2
+
+
+def test_strength_zero_leaves_the_data_untouched_and_strength_picks_that_share():
+    ds = noise_dataset(n=60, classes=3)
+    control = plant_shortcut(ds, ShortcutConfig(classes=["0", "2"], strength=0.0, splits=["train", "test"]))
+    for split in ("train", "test"):
+        assert control[split].images is ds[split].images  # not even copied
+        assert not control[split].masks.any() and not control[split].marked.any()
+    assert control.mean == ds.mean and control.std == ds.std
+    half = plant_shortcut(ds, ShortcutConfig(classes=["0", "2"], strength=0.5, seed=1))["train"]
+    for c in (0, 2):
+        assert int(half.marked[ds["train"].labels == c].sum()) == 10  # half of the 20 images of each class
+    assert not half.marked[ds["train"].labels == 1].any()
+    again = plant_shortcut(ds, ShortcutConfig(classes=["0", "2"], strength=0.5, seed=1))["train"]
+    assert torch.equal(again.images, half.images)  # seeded
+    sub = half.subset(torch.tensor([0, 5, 7]))
+    assert isinstance(sub, MarkedImageSet) and torch.equal(sub.masks, half.masks[[0, 5, 7]])
+
+
+def test_bad_options_raise_clear_errors():
+    ds = noise_dataset()
+    with pytest.raises(ConfigError, match=r"larger than the 12x12 images"):
+        plant_shortcut(ds, ShortcutConfig(classes=["1"], marker="square", size=12))
+    with pytest.raises(ConfigError, match=r"classes: '7' is not a class.*valid: 0, 1"):
+        plant_shortcut(ds, ShortcutConfig(classes=["7"]))
+    with pytest.raises(ConfigError, match=r"strength=1.5"):
+        ShortcutConfig(classes=["1"], strength=1.5)
+    with pytest.raises(ConfigError, match=r"a tag needs at least 5 pixels"):
+        ShortcutConfig(classes=["1"], size=3)
+    with pytest.raises(UnknownNameError, match="square"):
+        ShortcutConfig(classes=["1"], marker="squares")
+    with pytest.raises(ConfigError, match=r"unknown key 'strenght'.*Did you mean 'strength'"):
+        ShortcutConfig.from_options({"classes": ["1"], "strenght": 1.0})
+    with pytest.raises(ConfigError, match=r"no split 'val'"):
+        plant_shortcut(ds, ShortcutConfig(classes=["1"], splits=["val"]))
+    with pytest.raises(ConfigError, match="base=<dataset name>"):
+        load_dataset("shortcut", classes=["1"])
+
+
+def test_the_registered_dataset_plants_into_a_real_loader():
+    ds = load_dataset("shortcut", base="digits", classes=["3"], size=5, image_size=16)
+    base = load_dataset("digits", image_size=16)
+    assert ds.image_size == (16, 16) and ds.class_names == base.class_names
+    train = ds["train"]
+    assert torch.equal(train.marked, base["train"].labels == 3)
+    changed = (train.images != base["train"].images).any(-1)
+    assert (changed <= train.masks[:, 0]).all() and changed.any()
+    assert torch.equal(ds["test"].images, base["test"].images)  # the training splits only, by default
+    assert any("planted shortcut" in note for note in ds.notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny model on a fully correlated marker relies on it, and its gradients find it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_model_trained_on_a_fully_correlated_marker_relies_on_it():
+    torch.manual_seed(0)
+    ds = noise_dataset(n=256, size=12, seed=5)  # pure noise: the marker is the only signal
+    config = ShortcutConfig(
+        classes=["1"], marker="square", size=3, corner="top_right", splits=["train", "test"]
+    )
+    planted = plant_shortcut(ds, config)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+    )  # fmt: skip
+    x = to_model_input(planted["train"].images, planted.mean, planted.std)
+    y = planted["train"].labels
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    model.eval()
+    test = planted["test"]
+    clean = ds["test"]
+
+    def accuracy(images) -> float:
+        with torch.no_grad():
+            return float(
+                (model(to_model_input(images, planted.mean, planted.std)).argmax(1) == clean.labels)
+                .float()
+                .mean()
+            )
+
+    moved = plant_where(clean, clean.labels == 0, config)  # the marker on the other class only
+    assert accuracy(test.images) > 0.95  # marker present where it was learnt
+    assert accuracy(moved.images) < 0.1  # moved: the model follows the marker, not the class
+    # Gradients concentrate on the marker: most of the saliency mass of the marked images lies in 9 of 144 pixels.
+    idx = test.marked.nonzero().flatten()[:16]
+    xm = to_model_input(test.images[idx], planted.mean, planted.std)
+    maps = explain(model, xm, "saliency", target=test.labels[idx])
+    mass = relevance_mass_accuracy(model, xm, None, maps, mask=test.masks[idx])
+    assert float(mass.mean()) > 5 * 9 / 144
