@@ -17,6 +17,7 @@ from PIL import Image
 
 import xailab.report
 from xailab.errors import CheckpointError
+from xailab.records import CellRecord
 from xailab.report import build_report, top_confusions
 from xailab.report.build import SECTIONS
 from xailab.study import run_study, spec_from_dict
@@ -107,8 +108,16 @@ def test_results_table_files(study_dir):
 def test_top_confusions_known_answer():
     names = ["a", "b", "c"]
     records = [
-        {"cell": "m1", "class_names": names, "test": {"confusion_matrix": [[5, 3, 0], [1, 6, 0], [0, 2, 4]]}},
-        {"cell": "m2", "class_names": names, "test": {"confusion_matrix": [[7, 1, 0], [0, 7, 0], [0, 4, 2]]}},
+        CellRecord.from_dict(
+            {
+                "cell": cell,
+                "model": "m",
+                "dataset": "d",
+                "class_names": names,
+                "test": {"confusion_matrix": cm},
+            }
+        )
+        for cell, cm in (("m1", [[5, 3, 0], [1, 6, 0], [0, 2, 4]]), ("m2", [[7, 1, 0], [0, 7, 0], [0, 4, 2]]))
     ]
     top = top_confusions(records, k=3)
     assert [(p["true"], p["predicted"], p["total"]) for p in top] == [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -25,6 +26,10 @@ import yaml
 from xailab.errors import ConfigError
 
 C = TypeVar("C")
+# Image sizes anywhere (configs, run records): every model needs a few pixels after its poolings, and the
+# largest guards against a typo or a hostile file allocating terabytes (100000 x 100000 images).
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 2048
 
 
 def _num(x: float) -> str:
@@ -236,3 +241,19 @@ def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass config as a plain JSON-able dict."""
     return dataclasses.asdict(obj)
+
+
+# A name that becomes a folder (a study, a run): one path part of portable characters, never "." or "..".
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+,@-]{0,127}")
+
+
+def folder_name(value: Any, where: str) -> str:
+    """``value`` checked to be usable as one folder name under an output folder: letters, digits and
+    ``. _ = + , @ -``, not starting with a dot, at most 128 characters; anything that could climb out of the
+    folder (``../x``, ``/abs``, ``a/b``) raises ``ConfigError`` naming ``where`` and the value."""
+    if not isinstance(value, str) or not _FOLDER_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{where}: {value!r} cannot be a folder name; use letters, digits and . _ = + , @ - "
+            "(no slash, not starting with a dot, at most 128 characters)"
+        )
+    return value

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from xailab.errors import UnknownNameError
 
-T = TypeVar("T", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories. ``kind`` is used in error messages ("model", "dataset", ...)."""
+    """Maps names to entries (factories or specs). ``kind`` is used in error messages ("model", "dataset")."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -32,6 +32,11 @@ class Registry(Generic[T]):
             return obj
 
         return add
+
+    def replace(self, name: str, obj: T) -> None:
+        """Swap the entry of an already registered ``name`` (e.g. a spec completed by a later decorator)."""
+        self.get(name)
+        self._entries[name] = obj
 
     def get(self, name: str) -> T:
         """The factory registered as ``name``; an unknown name raises an error suggesting the nearest ones."""

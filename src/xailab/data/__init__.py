@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from xailab.data import cifar, folders, idx, transforms
+from xailab.data import cifar, folders, idx, transforms  # noqa: F401  (importing registers the loaders)
 from xailab.data import digits as _digits  # noqa: F401  (imported to register its loader)
 from xailab.data import shortcut as _shortcut  # noqa: F401  (registers the planted-shortcut wrapper)
 from xailab.data.base import (
@@ -25,6 +25,7 @@ from xailab.data.base import (
     default_cache_dir,
     default_data_dir,
     register_dataset,
+    register_status,
 )
 from xailab.data.download import fetch
 from xailab.data.transforms import (
@@ -57,21 +58,13 @@ __all__ = [
     "random_crop",
     "random_hflip",
     "register_dataset",
+    "register_status",
     "resize_uint8",
     "stratified_split",
     "to_channels",
     "to_model_input",
     "transforms",
 ]
-
-# How `dataset_status` checks each dataset with a default folder (the others need no files or a root).
-_STATUS_CHECKS = {
-    "mnist": idx.mnist_status,
-    "fashion_mnist": idx.fashion_mnist_status,
-    "cifar10": cifar.cifar10_status,
-    "chest_xray": folders.chest_xray_status,
-}
-
 
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted."""
@@ -101,7 +94,7 @@ def _as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     )
     if len(size) != 2 or min(size) < 1:
         raise DatasetError(f"image_size must be a positive int or (height, width), got {image_size!r}")
-    return size  # type: ignore[return-value]
+    return size[0], size[1]
 
 
 def _as_augment(value: Augment | Mapping) -> Augment:
@@ -160,7 +153,7 @@ def load_dataset(
         cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
         options={**options, "channels": channels},
     )
-    dataset = conform(spec.load(request), size, channels)  # type: ignore[operator]
+    dataset = conform(spec.load(request), size, channels)
     return replace(dataset, augment=_as_augment(augment)) if augment is not None else dataset
 
 
@@ -173,7 +166,7 @@ def dataset_status(name: str, data_dir: str | Path | None = None) -> dict:
         needs = "bundled with scikit-learn" if name == "digits" else "needs --dataset-root"
         return {"name": name, "folder": None, "found": None, "missing": [], "verified": None, "note": needs}
     folder = dataset_folder(name, data_dir)
-    check = _STATUS_CHECKS.get(name)
+    check = spec.status
     if check is None:
         return {
             "name": name,

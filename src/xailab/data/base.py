@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from xailab.errors import DatasetError
 from xailab.registry import Registry
 
 
@@ -78,11 +82,12 @@ class Dataset:
         return int(images.shape[1]), int(images.shape[2])
 
     def __getitem__(self, split: str) -> ImageSet:
+        """The split called ``split``; an unknown one is a ``DatasetError`` listing the valid splits."""
         try:
             return self.splits[split]
         except KeyError:
-            raise KeyError(
-                f"dataset {self.name!r} has no split {split!r}; it has {sorted(self.splits)}"
+            raise DatasetError(
+                f"dataset {self.name!r} has no split {split!r}; valid splits: {', '.join(sorted(self.splits))}"
             ) from None
 
 
@@ -105,25 +110,42 @@ class LoadRequest:
     options: dict = field(default_factory=dict)
 
 
+Loader = Callable[[LoadRequest], Dataset]
+StatusCheck = Callable[[Path], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A registered dataset: its default folder name under the data dir, and the loader function."""
+    """A registered dataset: its default folder name under the data dir, the loader function, and how
+    ``xailab datasets`` checks its folder (``status(folder) -> {"folder", "found", "missing", "verified"}``;
+    None: only whether the folder exists)."""
 
     name: str
     folder: str | None  # None: needs no files (digits) or needs --dataset-root (image_folder, csv_folder)
-    load: object  # Callable[[LoadRequest], Dataset]
+    load: Loader
     description: str = ""
+    status: StatusCheck | None = None
 
 
-DATASETS: Registry[DatasetSpec] = Registry("dataset")  # type: ignore[type-var]
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register_dataset(name: str, folder: str | None, description: str = ""):
+def register_dataset(name: str, folder: str | None, description: str = "") -> Callable[[Loader], Loader]:
     """Decorator registering ``load(request: LoadRequest) -> Dataset`` under ``name``."""
 
-    def add(load):
+    def add(load: Loader) -> Loader:
         DATASETS.register(name)(DatasetSpec(name, folder, load, description))
         return load
+
+    return add
+
+
+def register_status(name: str) -> Callable[[StatusCheck], StatusCheck]:
+    """Decorator making ``check(folder) -> dict`` the folder check of the registered dataset ``name``."""
+
+    def add(check: StatusCheck) -> StatusCheck:
+        DATASETS.replace(name, dataclasses.replace(DATASETS.get(name), status=check))
+        return check
 
     return add
 

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from xailab.data.base import Augment, Dataset, ImageSet, LoadRequest, channel_stats, register_dataset
+from xailab.data.base import (
+    Augment,
+    Dataset,
+    ImageSet,
+    LoadRequest,
+    channel_stats,
+    register_dataset,
+    register_status,
+)
 from xailab.data.download import ensure_files, file_status, safe_extract
 from xailab.errors import DatasetError
 
@@ -199,6 +207,7 @@ def load_cifar10(request: LoadRequest) -> Dataset:
     )
 
 
+@register_status("cifar10")
 def cifar10_status(root: Path) -> dict:
     """``file_status`` of a CIFAR-10 folder: the batch files (official md5s), else the archive."""
     folder = _batch_folder(root)

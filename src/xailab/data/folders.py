@@ -32,6 +32,7 @@ from xailab.data.base import (
     channel_stats,
     default_cache_dir,
     register_dataset,
+    register_status,
 )
 from xailab.data.transforms import stratified_split, to_channels
 from xailab.errors import DatasetError
@@ -415,6 +416,7 @@ def load_csv_folder(request: LoadRequest) -> Dataset:
     return folder_dataset("csv_folder", root, class_names, splits, notes + _jpeg_note({"all": files}))
 
 
+@register_status("chest_xray")
 def chest_xray_status(root: Path) -> dict:
     """Which ``<split>/<class>`` folders of the chest X-ray tree exist (no official checksums to verify)."""
     needed = [f"{s}/{c}" for s in SPLITS for c in CHEST_CLASSES]

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xailab.data.base import Augment, Dataset, ImageSet, LoadRequest, channel_stats, register_dataset
+from xailab.data.base import (
+    Augment,
+    Dataset,
+    ImageSet,
+    LoadRequest,
+    channel_stats,
+    register_dataset,
+    register_status,
+)
 from xailab.data.download import ensure_files, file_status
 from xailab.errors import DatasetError
 
@@ -184,11 +192,13 @@ def file_status_names(root: Path, md5: dict[str, str]) -> dict[str, str | None]:
     return files
 
 
+@register_status("mnist")
 def mnist_status(root: Path) -> dict:
     """``file_status`` of an MNIST folder (official md5s)."""
     return file_status(root, file_status_names(root, MNIST_MD5))
 
 
+@register_status("fashion_mnist")
 def fashion_mnist_status(root: Path) -> dict:
     """``file_status`` of a Fashion-MNIST folder (official md5s)."""
     return file_status(root, file_status_names(root, FASHION_MD5))

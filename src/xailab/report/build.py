@@ -1,14 +1,14 @@
 """Consolidating a study's result records into ``report.html``, ``results.csv`` and ``results.md``.
 
-Reads ``study.json`` and each cell's ``record.json`` plus the image files the study layer drew; draws the
-cross-cell charts into ``report_files/`` and renders Jinja2 templates. No model is loaded here.
+Reads ``study.json`` and each cell's ``record.json`` (typed ``CellRecord``s, validated as they are read) plus
+the image files the study layer drew; draws the cross-cell charts into ``report_files/`` and renders Jinja2
+templates. No model is loaded here.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,9 +20,10 @@ import jinja2
 
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
+from xailab.records import CellRecord, read_cell_record
 from xailab.report import charts
 
-Record = dict[str, Any]
+Record = CellRecord
 SECTIONS = (
     ("results", "Results"),
     ("curves", "Training curves"),
@@ -60,10 +61,7 @@ def read_records(study_dir: Path) -> tuple[dict[str, Any], list[Record]]:
     for name in study["cells"]:
         path = study_dir / name / "record.json"
         if path.is_file():
-            try:
-                records.append(read_json(path))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{path} is corrupt ({e}); delete it and re-run the study") from None
+            records.append(read_cell_record(path))
     if not records:
         raise CheckpointError(f"{study_dir}: no cell has finished yet, so there is nothing to report")
     return study, records
@@ -73,17 +71,17 @@ def results_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
     """One row per cell with the results table's columns (numbers unformatted)."""
     return [
         {
-            "model": r["model"],
-            "options": " ".join(f"{k}={v}" for k, v in r["grid_options"].items()),
-            "dataset": r["dataset"],
-            "accuracy": r["test"].get("accuracy"),
-            "macro_f1": r["test"].get("macro_f1"),
-            "parameters": r["parameters"],
-            "macs": r["macs"],
-            "epochs": len(r["history"]),
-            "train_seconds": r["train_seconds"],
-            "train_images_per_s": r["train_images_per_s"],
-            "inference_images_per_s": r["inference_images_per_s"],
+            "model": r.model,
+            "options": " ".join(f"{k}={v}" for k, v in r.grid_options.items()),
+            "dataset": r.dataset,
+            "accuracy": r.test.get("accuracy"),
+            "macro_f1": r.test.get("macro_f1"),
+            "parameters": r.parameters,
+            "macs": r.macs,
+            "epochs": len(r.history),
+            "train_seconds": r.train_seconds,
+            "train_images_per_s": r.train_images_per_s,
+            "inference_images_per_s": r.inference_images_per_s,
         }
         for r in records
     ]
@@ -117,11 +115,11 @@ def results_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def top_confusions(records: Sequence[Record], k: int = 5) -> list[dict[str, Any]]:
     """The ``k`` most frequent (true -> predicted) mistakes over all cells of one dataset, with each cell's count."""
-    names = records[0]["class_names"]
+    names = records[0].class_names
     size = len(names)
     totals: dict[tuple[int, int], int] = {}
     for rec in records:
-        cm = rec["test"]["confusion_matrix"]
+        cm = rec.test["confusion_matrix"]
         for t in range(size):
             for p in range(size):
                 if t != p and cm[t][p]:
@@ -132,7 +130,7 @@ def top_confusions(records: Sequence[Record], k: int = 5) -> list[dict[str, Any]
             "true": names[t],
             "predicted": names[p],
             "total": count,
-            "per_cell": {rec["cell"]: rec["test"]["confusion_matrix"][t][p] for rec in records},
+            "per_cell": {rec.cell: rec.test["confusion_matrix"][t][p] for rec in records},
         }
         for (t, p), count in ranked
     ]
@@ -142,13 +140,13 @@ def by_dataset(records: Sequence[Record]) -> dict[str, list[Record]]:
     """Records grouped by dataset, in study order."""
     groups: dict[str, list[Record]] = {}
     for rec in records:
-        groups.setdefault(rec["dataset"], []).append(rec)
+        groups.setdefault(rec.dataset, []).append(rec)
     return groups
 
 
 def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged."""
-    quality = rec.get("quality", {})
+    quality = rec.section("quality", {})
     best: dict[str, str] = {}
     for metric in metrics:
         better = info.get(metric, {}).get("better", "none")
@@ -172,20 +170,20 @@ def sanity_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
     """Per cell: the sanity method, Spearman after the first and after all layers, and a verdict."""
     rows = []
     for rec in records:
-        s = rec.get("sanity")
+        s = rec.section("sanity")
         if not s:
             continue
         final = s["mean_spearman"][-1]
         rows.append(
             {
-                "cell": rec["cell"],
+                "cell": rec.cell,
                 "method": s["method"],
                 "layers": len(s["layers"]),
                 "first": s["mean_spearman"][0],
                 "final": final,
                 "final_ssim": s["mean_ssim"][-1],
                 "passes": final is not None and not math.isnan(final) and abs(final) < SANITY_THRESHOLD,
-                "figure": f"{rec['cell']}/{s['figure']}",
+                "figure": f"{rec.cell}/{s['figure']}",
             }
         )
     return rows
@@ -202,35 +200,36 @@ def build_report(study_dir: str | Path) -> Path:
     metrics = list(spec["metrics"])
     info: dict[str, Any] = {}
     for rec in records:
-        info.update(rec.get("metric_info", {}))
+        info.update(rec.section("metric_info", {}))
     groups = by_dataset(records)
+    # The charts and templates read the records as their JSON layout.
+    flat = [rec.to_dict() for rec in records]
+    flat_groups = {d: [rec.to_dict() for rec in recs] for d, recs in groups.items()}
     figures = {
-        "curves": "report_files/"
-        + charts.save(charts.training_curves(records), files / "training_curves.png"),
-        "performance": "report_files/"
-        + charts.save(charts.accuracy_scatter(records), files / "accuracy.png"),
+        "curves": "report_files/" + charts.save(charts.training_curves(flat), files / "training_curves.png"),
+        "performance": "report_files/" + charts.save(charts.accuracy_scatter(flat), files / "accuracy.png"),
         "confusion": {
             d: "report_files/" + charts.save(charts.confusion_matrices(recs), files / f"confusion-{d}.png")
-            for d, recs in groups.items()
+            for d, recs in flat_groups.items()
         },
     }
-    has_quality = bool(metrics) and any(rec.get("quality") for rec in records)
+    has_quality = bool(metrics) and any(rec.section("quality") for rec in records)
     if has_quality:
         figures["quality"] = "report_files/" + charts.save(
-            charts.quality_chart(records, metrics, info), files / "quality.png"
+            charts.quality_chart(flat, metrics, info), files / "quality.png"
         )
     figures["agreement"] = "report_files/" + charts.save(
-        charts.agreement_matrices(records), files / "agreement.png"
+        charts.agreement_matrices(flat), files / "agreement.png"
     )
     sanity = sanity_rows(records)
     if sanity:
-        figures["sanity"] = "report_files/" + charts.save(charts.sanity_curves(records), files / "sanity.png")
+        figures["sanity"] = "report_files/" + charts.save(charts.sanity_curves(flat), files / "sanity.png")
 
     context = {
         "study": study,
         "spec": spec,
-        "records": records,
-        "groups": groups,
+        "records": flat,
+        "groups": flat_groups,
         "sections": SECTIONS,
         "columns": RESULT_COLUMNS,
         "rows": [{k: fmt(k, v) for k, v in row.items()} for row in rows],
@@ -238,10 +237,10 @@ def build_report(study_dir: str | Path) -> Path:
         "confusions": {d: top_confusions(recs) for d, recs in groups.items()},
         "metrics": metrics,
         "metric_info": info,
-        "quality": {rec["cell"]: quality_table(rec, metrics, info) for rec in records} if has_quality else {},
+        "quality": {rec.cell: quality_table(rec, metrics, info) for rec in records} if has_quality else {},
         "sanity": sanity,
         "sanity_threshold": SANITY_THRESHOLD,
-        "missing": [c for c in study["cells"] if c not in {r["cell"] for r in records}],
+        "missing": [c for c in study["cells"] if c not in {r.cell for r in records}],
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     env = jinja2.Environment(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from xailab.io import write_json
+from xailab.io import folder_lock, remove_orphans, write_json
 from xailab.registry import Registry
 from xailab.study.executors import EXECUTORS
 from xailab.study.runner import Cell, CellTask, cell_key, expand_cells, run_cell
@@ -119,6 +119,7 @@ def run_study(
     of ``report.html``.
 
     Finished cells (same recipe and settings) are skipped, a killed one resumes from its last checkpoint.
+    The study folder is locked while it runs: a second process on it gets a ``LockedError``.
     ``executor``: ``local`` or ``ray`` (``address`` of an existing cluster, else a local one);
     ``tracking``: ``mlflow`` (``tracking_uri``, default a file store ``<out>/mlruns``); ``callbacks``: training
     callbacks of every cell (local executor).
@@ -129,50 +130,54 @@ def run_study(
     run_executor = EXECUTORS.get(executor)
     cells = expand_cells(spec, data_dir)
     study_dir = Path(out) / spec.name
-    write_json(
-        study_dir / "study.json",
-        {
-            "spec": spec.to_dict(),
-            "cells": [c.name for c in cells],
-            "command": command or default_command(spec.name, out, executor, tracking, data_dir),
-            "executor": executor,
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            "environment": study_environment(),
-        },
-    )
-    tracker = TRACKERS.get(tracking)(study_dir, tracking_uri) if tracking else None
-    if tracker is not None:
-        tracker.on_study_begin(spec, cells)
-    show = progress and sys.stderr.isatty()
-    bar = tqdm(total=len(cells), desc=f"study {spec.name}", unit="cell", position=0, disable=not show)
-    t0 = time.perf_counter()
-    done = [0]  # cells reported so far (a disabled tqdm bar does not count)
-
-    def on_result(record: dict[str, Any]) -> None:
-        bar.update(1)
-        done[0] += 1
-        state = (
-            "already done" if record.get("skipped") else f"{time.perf_counter() - t0:.0f} s into the study"
+    with folder_lock(study_dir, "study folder"):  # a second `xailab run` on it stops with a clear error
+        remove_orphans(study_dir)
+        write_json(
+            study_dir / "study.json",
+            {
+                "spec": spec.to_dict(),
+                "cells": [c.name for c in cells],
+                "command": command or default_command(spec.name, out, executor, tracking, data_dir),
+                "executor": executor,
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                "environment": study_environment(),
+            },
         )
-        accuracy = record.get("test", {}).get("accuracy")
-        line = f"[{done[0]}/{len(cells)}] {record['cell']}: test accuracy {accuracy:.4f} ({state})"
-        if show:
-            bar.write(line, file=sys.stderr)  # above the bars, which stay at the bottom
-        elif progress:
-            print(line, file=sys.stderr)
+        tracker = TRACKERS.get(tracking)(study_dir, tracking_uri) if tracking else None
         if tracker is not None:
-            tracker.on_cell_end(record)
+            tracker.on_study_begin(spec, cells)
+        show = progress and sys.stderr.isatty()
+        bar = tqdm(total=len(cells), desc=f"study {spec.name}", unit="cell", position=0, disable=not show)
+        t0 = time.perf_counter()
+        done = [0]  # cells reported so far (a disabled tqdm bar does not count)
 
-    tasks = [CellTask(spec, c, str(study_dir), progress, tuple(callbacks)) for c in cells]
-    try:
-        run_executor(tasks, on_result, address)
-        report = build_report(study_dir)
-    except BaseException:
+        def on_result(record: dict[str, Any]) -> None:
+            bar.update(1)
+            done[0] += 1
+            state = (
+                "already done"
+                if record.get("skipped")
+                else f"{time.perf_counter() - t0:.0f} s into the study"
+            )
+            accuracy = record.get("test", {}).get("accuracy")
+            line = f"[{done[0]}/{len(cells)}] {record['cell']}: test accuracy {accuracy:.4f} ({state})"
+            if show:
+                bar.write(line, file=sys.stderr)  # above the bars, which stay at the bottom
+            elif progress:
+                print(line, file=sys.stderr)
+            if tracker is not None:
+                tracker.on_cell_end(record)
+
+        tasks = [CellTask(spec, c, str(study_dir), progress, tuple(callbacks)) for c in cells]
+        try:
+            run_executor(tasks, on_result, address)
+            report = build_report(study_dir)
+        except BaseException:
+            if tracker is not None:
+                tracker.on_study_failed()
+            raise
+        finally:
+            bar.close()
         if tracker is not None:
-            tracker.on_study_failed()
-        raise
-    finally:
-        bar.close()
-    if tracker is not None:
-        tracker.on_study_end(report)
-    return report
+            tracker.on_study_end(report)
+        return report

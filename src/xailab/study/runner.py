@@ -30,17 +30,18 @@ from torch import Tensor
 
 from xailab.data import Dataset, load_dataset
 from xailab.data.transforms import to_model_input
-from xailab.errors import CheckpointError
+from xailab.errors import CheckpointError, XailabError
 from xailab.explain.base import explain, preserved_state
 from xailab.explain.figures import overlay, save_figure, to_rgb
-from xailab.io import atomic_write, read_json, write_json
+from xailab.io import atomic_write, remove_orphans, write_json
 from xailab.metrics import METRICS, agreement_matrix, model_randomisation, summarise
 from xailab.metrics.base import method_explainer, score_explanations
 from xailab.models import model_input_size
+from xailab.records import CellRecord, read_cell_record
 from xailab.study.spec import StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, resolve_device, train
 from xailab.train.loop import config_hash
-from xailab.train.runs import read_run_config
+from xailab.train.runs import read_run_config, read_run_meta
 
 RECORD_VERSION = 1
 # Keys that pick the cells and their recipe: the recipe's own hash covers them, so the other cells' keys stay
@@ -134,16 +135,16 @@ class CellTask:
     callbacks: tuple = ()
 
 
-def finished_record(spec: StudySpec, cell: Cell, cell_dir: Path) -> dict[str, Any] | None:
+def finished_record(spec: StudySpec, cell: Cell, cell_dir: Path) -> CellRecord | None:
     """The cell's ``record.json`` if it was written for the same cell key, else None."""
     path = cell_dir / "record.json"
     if not path.is_file():
         return None
     try:
-        record = read_json(path)
-    except json.JSONDecodeError:
-        return None  # written atomically, so only a hand-edited file is corrupt: redo the cell
-    return record if record.get("cell_key") == cell_key(spec, cell) else None
+        record = read_cell_record(path)
+    except XailabError:
+        return None  # written atomically, so only a hand-edited file is broken: redo the cell
+    return record if record.cell_key == cell_key(spec, cell) else None
 
 
 def cell_dataset(cell: Cell) -> Dataset:
@@ -173,15 +174,15 @@ def train_cell(
             dataset=dataset,
             progress=progress,
         )
-    meta = read_run_config(cell_dir)
-    if meta.get("config_hash") != config_hash(cell.config):
+    meta = read_run_meta(cell_dir)
+    if meta.config_hash != config_hash(cell.config):
         raise CheckpointError(
-            f"{cell_dir} holds a run of another recipe (config hash {meta.get('config_hash')} != "
+            f"{cell_dir} holds a run of another recipe (config hash {meta.config_hash} != "
             f"{config_hash(cell.config)}); delete that folder or run the study with another --out"
         )
     if (
-        meta.get("status") == "finished"
-        and meta["train"]["epochs"] == cell.config.epochs
+        meta.status == "finished"
+        and meta.train.epochs == cell.config.epochs
         and (cell_dir / "model.safetensors").is_file()
     ):
         return load_run(cell_dir, device=resolve_device(cell.config.device))
@@ -200,14 +201,15 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     """Train, explain and assess one cell; return its record (also written to ``record.json``)."""
     spec, cell = task.spec, task.cell
     cell_dir = Path(task.study_dir) / cell.name
-    record = finished_record(spec, cell, cell_dir)
-    if record is not None:
-        return {**record, "skipped": True}
+    remove_orphans(cell_dir)  # the study folder is locked: temp files here are a killed write's
+    done = finished_record(spec, cell, cell_dir)
+    if done is not None:
+        return {**done.to_dict(), "skipped": True}
     dataset = cell_dataset(cell)
     run = train_cell(cell, cell_dir, dataset, task.callbacks, task.progress)
-    record = assess_cell(spec, cell, run, dataset, cell_dir)
-    write_json(cell_dir / "record.json", record)
-    return {**record, "skipped": False}
+    record = CellRecord.from_dict(assess_cell(spec, cell, run, dataset, cell_dir), where=f"{cell.name}:")
+    record.write(cell_dir)
+    return {**record.to_dict(), "skipped": False}
 
 
 # ---------------------------------------------------------------------------------------------------------

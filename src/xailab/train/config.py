@@ -6,12 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from xailab.config import bounded, check_bounds, from_dict, to_dict
-
-# Every model needs a few pixels after its poolings; the largest size guards against a typo allocating
-# terabytes (100000 x 100000 images).
-MIN_IMAGE_SIZE = 8
-MAX_IMAGE_SIZE = 2048
+from xailab.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, bounded, check_bounds, from_dict, to_dict
 
 
 @dataclass(frozen=True)

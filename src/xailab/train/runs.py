@@ -12,12 +12,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from xailab.config import bounded, from_dict, to_dict
+from xailab.config import MAX_IMAGE_SIZE, bounded, from_dict, to_dict
 from xailab.errors import CheckpointError, ConfigError, XailabError
 from xailab.io import read_json, write_json
 from xailab.models import create_model, random_init_options, size_options
 from xailab.train.checkpoint import load_weights
-from xailab.train.config import MAX_IMAGE_SIZE, TrainConfig
+from xailab.train.config import TrainConfig
 
 RUN_RECORD_VERSION = 1
 MAX_CLASSES = 100_000
