@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from xailab.errors import ConfigError
+from xailab.explain.tokens import token_grid
 from xailab.models import (
     MODELS,
     count_macs,
@@ -80,10 +81,15 @@ def test_output_shape_and_cam_layer(zoo, name: str, in_channels: int) -> None:
     for size in test_sizes(name):
         if name == "keras_cnn" and size != (32, 32):
             continue  # its dense layer is sized for image_size; other sizes are tested below
-        out, cam = cam_output(model, torch.randn(batch, in_channels, *size))
+        x = torch.randn(batch, in_channels, *size)
+        out, cam = cam_output(model, x)
         assert out.shape == (batch, NUM_CLASSES), (name, size)
         assert out.dtype == torch.float32
         if size == model_input_size(name):
+            grid = token_grid(model, x)  # a ViT's cam_layer outputs tokens: their declared patch grid
+            if grid is not None:
+                assert grid.fits(cam), (model.cam_layer, cam.shape)
+                cam = grid.to_grid(cam)
             assert cam.ndim == 4 and min(cam.shape[-2:]) > 1, (model.cam_layer, cam.shape)
 
 
@@ -182,6 +188,16 @@ def keras_params(c: int, k: int, kernel: int = 3, stride: int = 1, image: int = 
     return n + dense(64 * keras_side(image, kernel, stride) ** 2, k)
 
 
+def vit_params(c: int, k: int, width: int = 192, depth: int = 12, patch: int = 4, image: int = 32) -> int:
+    """Patch projection, class token, position embeddings (one per patch + class token), per block two
+    LayerNorms + qkv + output projection + a 4x MLP, final LayerNorm, head."""
+    tokens = 1 + (image // patch) ** 2
+    n = dense(c * patch * patch, width) + width + tokens * width
+    block = 2 * 2 * width + dense(width, 3 * width) + dense(width, width)
+    block += dense(width, 4 * width) + dense(4 * width, width)
+    return n + depth * block + 2 * width + dense(width, k)
+
+
 EXPECTED_PARAMS = {
     "mobilenetv2": mobilenetv2_params,
     "efficient_cnn": efficient_cnn_params,
@@ -189,6 +205,7 @@ EXPECTED_PARAMS = {
     "simple_cnn": lambda c, k: vgg_params(c, k, [(64, 2), (128, 2), (256, 3)], 512),
     "mnist_cnn": lambda c, k: vgg_params(c, k, [(32, 2), (64, 2), (128, 2)], 256),
     "keras_cnn": keras_params,
+    "vit_tiny": vit_params,
 }
 
 

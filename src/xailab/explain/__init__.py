@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from xailab.explain import cam, gradients, perturbation  # noqa: F401  (imported to register their methods)
+from xailab.explain import cam, gradients, perturbation, transformer  # noqa: F401  (imported to register their methods)
 from xailab.explain.base import (
     METHODS,
     MethodSpec,

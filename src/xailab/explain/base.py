@@ -112,6 +112,18 @@ def applicable_methods(model: nn.Module) -> list[str]:
     return [name for name in METHODS.names() if METHODS.get(name).needs <= caps]
 
 
+def check_applicable(spec: MethodSpec, model: nn.Module) -> None:
+    """ConfigError naming what ``model`` lacks if it does not offer the capabilities ``spec`` needs, listing
+    the methods that would work on it (a transformer method asked of a CNN, a CNN-only one of a ViT)."""
+    caps = model_capabilities(model)
+    missing = spec.needs - caps
+    if missing:
+        raise ConfigError(
+            f"method {spec.name!r} needs a model with {', '.join(sorted(missing))} (this model offers: "
+            f"{', '.join(sorted(caps)) or 'none'}); methods that apply to it: {', '.join(applicable_methods(model))}"
+        )
+
+
 def reduce_channels(attribution: Tensor, how: Reduction) -> Tensor:
     """``[B, C, H, W] -> [B, 1, H, W]`` by ``sum``, ``mean`` or ``max_abs``; ``none`` returns it unchanged."""
     if how == "none" or (attribution.shape[1] == 1 and how != "max_abs"):
@@ -209,6 +221,7 @@ def explain(
     always chosen in float32, so both precisions explain the same class.
     """
     spec = captum_method(method.split(":", 1)[1]) if method.startswith("captum:") else METHODS.get(method)
+    check_applicable(spec, model)
     if inputs.ndim != 4:
         raise ConfigError(f"inputs must be [B, C, H, W], got shape {tuple(inputs.shape)}")
     device = next(model.parameters()).device

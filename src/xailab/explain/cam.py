@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from xailab.errors import ConfigError
 from xailab.explain.base import default_batch_size, register_method
 from xailab.explain.gradients import chunks
+from xailab.explain.tokens import TokenGrid, token_grid
 
 # pytorch-grad-cam's guard against 0/0 in Grad-CAM++'s alpha where the gradient vanishes
 GRADCAM_PP_EPS = 1e-6
@@ -55,13 +56,22 @@ def get_layer(model: nn.Module, layer_path: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def capture_activation(model: nn.Module, layer_path: str) -> Iterator[Captured]:
+def capture_activation(
+    model: nn.Module, layer_path: str, grid: TokenGrid | None = None
+) -> Iterator[Captured]:
     """Within the block, every forward pass stores the output of ``model``'s layer ``layer_path`` in the
-    yielded ``Captured``; the hook is removed on leaving the block, also when the forward pass raises."""
+    yielded ``Captured``; the hook is removed on leaving the block, also when the forward pass raises.
+
+    With a token ``grid`` (``xailab.explain.tokens``), a token output ``[B, P + h * w, D]`` is stored as its
+    map ``[B, D, h, w]`` and the layer returns the same tokens rebuilt from that map, so gradients reach it."""
     captured = Captured(layer_path)
 
-    def keep(_module: nn.Module, _inputs: tuple, output: object) -> None:
+    def keep(_module: nn.Module, _inputs: tuple, output: object) -> object:
+        if grid is not None and grid.fits(output):
+            captured.output = grid.to_grid(output)  # type: ignore[arg-type]
+            return grid.to_tokens(captured.output, output)  # type: ignore[arg-type]
         captured.output = output
+        return None
 
     handle = get_layer(model, layer_path).register_forward_hook(keep)
     try:
@@ -103,7 +113,8 @@ def activation_and_gradient(
     """The layer's activation ``A`` ``[B, K, h, w]`` and the gradient of each image's ``target`` logit
     w.r.t. it. The inputs require grad (a detached copy) so the gradient reaches layers of frozen models."""
     x = inputs.detach().requires_grad_(True)
-    with capture_activation(model, layer_path) as captured, torch.enable_grad():
+    grid = token_grid(model, inputs)
+    with capture_activation(model, layer_path, grid) as captured, torch.enable_grad():
         score = model(x).gather(1, target[:, None]).sum()
         activation = captured.activation
         (grad,) = torch.autograd.grad(score, activation, allow_unused=True)
@@ -157,7 +168,7 @@ def score_cam(
     layer_path = resolve_layer(model, inputs, layer)
     size = inputs.shape[-2:]
     with torch.no_grad():
-        with capture_activation(model, layer_path) as captured:
+        with capture_activation(model, layer_path, token_grid(model, inputs)) as captured:
             model(inputs)
         activation = captured.activation
         b, k = activation.shape[:2]

@@ -1,6 +1,6 @@
 """The model zoo. Importing this package registers every model with ``xailab.models.base.MODELS``."""
 
-from xailab.models import efficient_cnn, imagenet, mobilenetv2, resnet, small_cnns
+from xailab.models import efficient_cnn, imagenet, mobilenetv2, resnet, small_cnns, vit
 from xailab.models.base import (
     MODELS,
     create_model,
@@ -26,4 +26,5 @@ __all__ = [
     "resnet",
     "size_options",
     "small_cnns",
+    "vit",
 ]
