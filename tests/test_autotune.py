@@ -273,3 +273,38 @@ def test_the_speed_command_prints_the_table_and_the_choice(cache, capsys):
     assert any(line.startswith("forward") and " 64 " in line for line in chosen)
     assert f"{1 / (1e-3 * 0.9):.1f}" in out  # the injected 0.9 ms per image, as images/s
     assert out.strip().splitlines()[-1].startswith("choice: train_step: fp32 channels_last")
+
+
+def test_the_wall_clock_gives_up_on_a_clear_loser_after_its_warm_up(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])
+
+    def run_taking(seconds: float, calls: list) -> Callable[[], None]:
+        def run() -> None:
+            calls.append(1)
+            now[0] += seconds
+
+        return run
+
+    clock = autotune.WallClock(torch.device("cpu"), iters=3, candidate_s=100.0, give_up=3.0)
+    fast, slow, close = [], [], []
+    assert clock("forward", Config(batch=10), run_taking(1.0, fast)) == 1.0
+    assert len(fast) == 4  # warm-up + 3 timed calls
+    assert clock("forward", Config("bf16", batch=10), run_taking(8.0, slow)) == 8.0
+    assert len(slow) == 1  # 8x slower at its warm-up: no timed calls
+    assert clock("forward", Config("fp32", True, batch=10), run_taking(2.0, close)) == 2.0
+    assert len(close) == 4  # only 2x slower: timed like the first
+    assert clock("input_grad", Config("bf16", batch=10), run_taking(8.0, [])) == 8.0  # per pass
+
+
+def test_a_compiled_step_is_chosen_only_when_training_compiles():
+    eager, compiled = Config("fp32", True, 32), Config("fp32", True, 32, compile=True)
+    table = {eager: 1.0, Config("fp32", False, 32): 1.2, compiled: 0.5}
+    tuning = autotune.Tuning("k", {}, {"train_step": table})
+    assert tuning.choices["train_step"] == compiled
+    assert tuning.best("train_step", compile=False) == eager
+    assert tuning.best("train_step", channels_last=False, compile=True) == Config(
+        "fp32", False, 32
+    )  # as eager
+    cpu_only = autotune.Tuning("k", {}, {"train_step": {eager: 1.0, Config("bf16", True, 32): 0.4}})
+    assert cpu_only.best("train_step", compile=True) == Config("bf16", True, 32)

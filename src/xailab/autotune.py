@@ -207,13 +207,17 @@ class Tuning:
         return self.rank_correlation is None or self.rank_correlation >= RANK_GUARD
 
     def best(
-        self, pass_name: Pass, precision: Precision | None = None, channels_last: bool | None = None
+        self,
+        pass_name: Pass,
+        precision: Precision | None = None,
+        channels_last: bool | None = None,
+        compile: bool | None = None,
     ) -> Config:
         """The fastest measured configuration of ``pass_name`` that honours the explicit settings given
-        (None: free); ConfigError if the pass was not tuned."""
+        (None: free; ``compile=False``: eager configurations only); ConfigError if the pass was not tuned."""
         if pass_name not in self.timings:
             raise ConfigError(f"pass {pass_name!r} was not tuned; tuned: {', '.join(self.timings)}")
-        if precision is None and channels_last is None:
+        if precision is None and channels_last is None and compile is None:
             return self.choices[pass_name]
         timings = self.timings[pass_name]
         allow = self.bf16_accurate or pass_name not in EXPLAIN_PASSES or precision == "bf16"
@@ -222,8 +226,11 @@ class Tuning:
             for c, s in timings.items()
             if (precision is None or c.precision == precision)
             and (channels_last is None or c.channels_last == channels_last)
+            and (compile is None or c.compile == compile)
         }
-        if not matching:  # e.g. bf16 layouts not timed beyond stage 1: fall back to the whole table
+        if not matching and compile is not None:  # compile not measured (only on CUDA): as eager
+            return self.best(pass_name, precision, channels_last)
+        if not matching:  # a setting no candidate had: keep it, with the chosen chunk
             return Config(precision or "fp32", bool(channels_last), self.choices[pass_name].batch)
         return choose(matching, allow_bf16=allow or not any(c.precision == "fp32" for c in matching))
 
@@ -332,10 +339,9 @@ def rank_correlation(model: nn.Module, x: Tensor, channels_last: bool = False) -
     return float(spearman_per_image(fp32.cpu(), bf16.cpu()).mean())
 
 
-def _candidates(device: torch.device, pass_name: str, batch: int) -> list[Config]:
-    """Stage-1 candidates: precision x layout (x compile on CUDA), at one batch."""
-    compiles = (False, True) if device.type == "cuda" else (False,)
-    return [Config(p, cl, batch, comp) for comp in compiles for p in ("fp32", "bf16") for cl in (False, True)]
+def _candidates(batch: int) -> list[Config]:
+    """Stage-1 candidates: precision x layout, eager, at one batch."""
+    return [Config(p, cl, batch) for p in ("fp32", "bf16") for cl in (False, True)]
 
 
 def _bare_copy(model: nn.Module) -> nn.Module:
@@ -439,7 +445,7 @@ def _measure_pass(
     # Stage 0, a probe of every candidate at a few images: a clear loser (bf16 emulated on an AVX2 CPU runs
     # ~8x slower) costs one small call instead of calls at the full batch.
     probes = {}
-    for c in _candidates(bench.device, pass_name, max(1, first // PROBE_FRACTION)):
+    for c in _candidates(max(1, first // PROBE_FRACTION)):
         probes[c] = timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
     fastest = min(probes.values())
     for probe, s in probes.items():
@@ -448,6 +454,13 @@ def _measure_pass(
             timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
             del timings[probe]  # a screening only: small batches carry more per-call overhead
     if pass_name == "train_step":
+        if bench.device.type == "cuda":  # torch.compile of the eager winner only: compiling costs seconds
+            eager = choose(timings)
+            c = Config(eager.precision, eager.channels_last, eager.batch, compile=True)
+            try:
+                timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
+            except Exception as error:  # a model torch.compile cannot handle: report it, keep eager
+                logger.warning("autotune: torch.compile failed (%s: %s)", type(error).__name__, error)
         return timings
     winner = choose(timings, allow_bf16=allow_bf16(choose(timings)))
     worse = 0
@@ -586,14 +599,15 @@ def train_settings(
     precision: str = "auto",
     channels_last: bool | None = None,
     *,
+    compile: bool = False,
     autotune: bool | None = None,
     tune_options: Mapping[str, Any] | None = None,
 ) -> tuple[Precision, bool]:
     """``(precision, channels_last)`` of training ``model`` on ``[..., C, H, W]`` inputs on ``device``.
 
     ``precision`` (``auto``/``fp32``/``bf16``) and ``channels_last`` (None: free) given explicitly are kept.
-    The free ones come from the measured fastest training step, or with autotuning off from the fixed rule:
-    bf16 where ``bf16_is_fast``, channels_last on CUDA or with bf16.
+    The free ones come from the measured fastest training step (compiled or eager as ``compile`` says), or
+    with autotuning off from the fixed rule: bf16 where ``bf16_is_fast``, channels_last on CUDA or with bf16.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision={precision!r} is not one of: auto, fp32, bf16")
@@ -603,7 +617,7 @@ def train_settings(
         p = precision if precision != "auto" else ("bf16" if bf16_is_fast(device) else "fp32")
         return p, (channels_last if channels_last is not None else device.type == "cuda" or p == "bf16")  # type: ignore[return-value]
     tuning = tune(model, input_shape, device, ("train_step",), **(tune_options or {}))
-    c = tuning.best("train_step", None if precision == "auto" else precision, channels_last)  # type: ignore[arg-type]
+    c = tuning.best("train_step", None if precision == "auto" else precision, channels_last, compile)  # type: ignore[arg-type]
     return c.precision, c.channels_last
 
 
