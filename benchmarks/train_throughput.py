@@ -1,13 +1,17 @@
 """Training throughput: xailab's loop vs a seed-style PyTorch loop vs the limit, same model and data, one run.
 
-- limit: the fastest bare forward + backward + optimiser step on preloaded, pre-normalised tensors
-  (fp32 NCHW, fp32 channels_last, and bf16 autocast + channels_last where the processor runs bf16 natively),
+- limit: the fastest bare forward + backward + optimiser step on preloaded, pre-normalised tensors over
+  every configuration (fp32 / bf16 autocast x NCHW / channels_last: all four measured on every processor),
   the fastest of three rounds.
-- xailab: ``xailab.train`` (fast mode: the defaults, precision=auto and channels_last where it pays; exact
-  mode: fp32 NCHW), images/s of
-  its fastest epoch after the first, augmentation included.
-- seed-style: a per-sample ``Dataset`` with per-sample transforms through a ``DataLoader``, fp32 NCHW,
-  ``loss.item()`` every step — the loop of the seed projects.
+- xailab autotuned: ``xailab.train`` with the defaults (``precision=auto``, channels_last unset), which the
+  autotuner (``xailab.autotune``) resolves by measuring; its decision is made (and cached) before timing, and
+  its cost is printed. xailab fixed rules: the same with ``XAILAB_AUTOTUNE=0`` (bf16 and channels_last where
+  the processor reports native bf16). xailab exact: fp32 NCHW. Images/s of the fastest epoch after the
+  first, augmentation included.
+- seed-style (the peer): a per-sample ``Dataset`` with per-sample transforms through a ``DataLoader``, fp32
+  NCHW, ``loss.item()`` every step — the loop of the seed projects.
+
+Per model it prints xailab / the fastest bare configuration and xailab / the peer for each xailab mode.
 
 Run:  python benchmarks/train_throughput.py --data-dir ../shared/datasets \
           --cifar10-root ../shared/datasets/cifar10-subset [--steps 30] [--models mnist_cnn resnet18]
@@ -18,15 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import tempfile
 import time
 
 import torch
 from torch import nn
 
-from xailab import TrainConfig, create_model, load_dataset, train
+from xailab import TrainConfig, autotune, create_model, load_dataset, train
 from xailab.data.transforms import to_model_input
-from xailab.train.loop import bf16_is_fast
+from xailab.device import bf16_is_fast, cpu_name
 
 DATA = {
     "mnist_cnn": ("mnist", 28),
@@ -123,7 +128,16 @@ def seed_style(model_name, ds, batch, steps) -> float:
     return best_rate(step, steps, batch)
 
 
-def xailab_loop(model_name, ds, batch, steps, precision) -> float:
+# xailab modes: (precision, channels_last, XAILAB_AUTOTUNE)
+MODES = {
+    "xailab autotuned": ("auto", None, "1"),
+    "xailab fixed rules": ("auto", None, "0"),
+    "xailab exact fp32": ("fp32", False, "0"),
+}
+
+
+def xailab_loop(model_name, ds, batch, steps, mode) -> float:
+    precision, channels_last, tune = MODES[mode]
     cfg = TrainConfig(
         model=model_name,
         dataset=ds.name,
@@ -132,14 +146,22 @@ def xailab_loop(model_name, ds, batch, steps, precision) -> float:
         train_limit=steps * batch,
         val_fraction=0.0,
         precision=precision,
-        channels_last=precision != "fp32",
+        channels_last=channels_last,
     )
     # A small test split: the benchmark times training, not the final evaluation.
     small = dataclasses.replace(
         ds, splits={"train": ds["train"], "test": ds["test"].subset(torch.arange(512))}
     )
-    with tempfile.TemporaryDirectory() as out:
-        run = train(cfg, out_dir=out, dataset=small, progress=False)
+    previous = os.environ.get(autotune.ENV)
+    os.environ[autotune.ENV] = tune
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            run = train(cfg, out_dir=out, dataset=small, progress=False)
+    finally:
+        if previous is None:
+            os.environ.pop(autotune.ENV)
+        else:
+            os.environ[autotune.ENV] = previous
     return max(r["images_per_s"] for r in run.history[1:])  # epoch 1 includes one-off warm-up
 
 
@@ -151,10 +173,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args()
-    bf16 = bf16_is_fast(torch.device("cpu"))
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {bf16}, batch {args.batch}, "
-        f"{args.steps} timed steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, native bf16 reported: "
+        f"{bf16_is_fast(torch.device('cpu'))}, batch {args.batch}, {args.steps} timed steps"
     )
     for name in args.models:
         dataset, size = DATA.get(name, ("cifar10", 32))
@@ -165,27 +186,32 @@ def main() -> None:
             image_size=size,
         )
         limits = {
-            "fp32 NCHW": bare_steps(name, ds, args.batch, args.steps, False, False),
-            "fp32 channels_last": bare_steps(name, ds, args.batch, args.steps, True, False),
+            f"{'bf16' if bf16 else 'fp32'} {'channels_last' if cl else 'NCHW'}": bare_steps(
+                name, ds, args.batch, args.steps, cl, bf16
+            )
+            for bf16 in (False, True)
+            for cl in (False, True)
         }
-        if bf16:
-            limits["bf16 channels_last"] = bare_steps(name, ds, args.batch, args.steps, True, True)
         limit_name, limit = max(limits.items(), key=lambda kv: kv[1])
-        fast = xailab_loop(name, ds, args.batch, args.steps, "auto")
-        exact = xailab_loop(name, ds, args.batch, args.steps, "fp32")
+        # The autotuner's decision, made once here (as train() would on its first run) and cached.
+        model = create_model(name, in_channels=ds.channels, num_classes=ds.num_classes)
+        tuning = autotune.tune(
+            model, (ds.channels, *ds.image_size), torch.device("cpu"), ("train_step",), refresh=True,
+            train_batch=min(args.batch, 32),
+        )  # fmt: skip
+        choice = tuning.choices["train_step"]
+        ours = {mode: xailab_loop(name, ds, args.batch, args.steps, mode) for mode in MODES}
         seed = seed_style(name, ds, args.batch, args.steps)
         print(f"\n{name} on {dataset} ({size}x{size}), images/s:")
         for k, v in limits.items():
             print(f"  bare step {k:<20} {v:8.1f}")
-        print(
-            f"  xailab fast mode             {fast:8.1f}   {fast / limit:.2f}x the limit ({limit_name}), "
-            f"{fast / seed:.2f}x the seed-style loop"
-        )
-        print(
-            f"  xailab exact fp32            {exact:8.1f}   {exact / limits['fp32 NCHW']:.2f}x bare fp32 NCHW, "
-            f"{exact / seed:.2f}x the seed-style loop"
-        )
-        print(f"  seed-style DataLoader loop   {seed:8.1f}")
+        print(f"  seed-style DataLoader loop   {seed:8.1f}   (the peer)")
+        print(f"  autotuner: {choice.label} ({tuning.seconds:.1f} s to measure, cached afterwards)")
+        for mode, rate in ours.items():
+            print(
+                f"  {mode:<28} {rate:8.1f}   xailab / fastest bare ({limit_name}): {rate / limit:.2f}, "
+                f"xailab / seed-style: {rate / seed:.2f}"
+            )
 
 
 if __name__ == "__main__":
