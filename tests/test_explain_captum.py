@@ -159,6 +159,50 @@ def test_kernel_shap_matches_captum_and_a_float64_reference(zoo: tuple[nn.Module
         np.testing.assert_allclose(per_segment, exact.coef_, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("mask", "baseline", "expected"),
+    [
+        # Captum's test_simple_kernel_shap_with_mask (its sampling reaches 273.78 / 116.22)
+        ([0, 0, 1], "zero", [275.0, 275.0, 115.0]),
+        # Captum's test_simple_kernel_shap_with_baselines (by hand: v(0) = 40, v(A) = 288, v(B) = 144,
+        # v(AB) = 392, so phi_A = (248 + 248) / 2, phi_B = (104 + 104) / 2)
+        ([0, 0, 1], 4.0, [248.0, 248.0, 104.0]),
+        # three features of a non-additive model: Captum's exact [76.67, 196.67, 116.67]
+        ([0, 1, 2], "zero", [76.66666, 196.66666, 116.66666]),
+    ],
+)
+def test_kernel_shap_enumerates_every_coalition_when_affordable(mask, baseline, expected) -> None:
+    """With ``2**S <= n_samples`` every coalition is evaluated and weighted by the Shapley kernel, the empty
+    and full ones as constraints: the exact Shapley values, within Captum's test tolerance (1e-4)."""
+    from captum.testing.helpers.basic_models import BasicModel_MultiLayer
+
+    model = nn.Sequential(nn.Flatten(), BasicModel_MultiLayer()).eval()
+    x = torch.tensor([20.0, 50.0, 30.0]).view(1, 1, 1, 3)
+    segments = torch.tensor(mask).view(1, 1, 3)
+    for n_samples in (2 ** len(set(mask)), 500):  # exact whatever the budget above 2**S; seeds play no part
+        got = explain(
+            model,
+            x,
+            "kernel_shap",
+            target=0,
+            segments=segments,
+            baseline=baseline,
+            n_samples=n_samples,
+            seed=n_samples,
+        )
+        torch.testing.assert_close(got.flatten(), torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_enumerated_coalitions_carry_the_shapley_kernel_weights() -> None:
+    z, weights = P.enumerated_coalitions(torch.tensor([3, 2]))
+    assert z.shape == (2, 8, 3) and z[0, 0].tolist() == [1, 1, 1] and z[0, 1].tolist() == [0, 0, 0]
+    # S = 3: kernel (S - 1) / (C(S, k) k (S - k)) = 1/3 for k = 1 and k = 2; ends are constraints (0)
+    torch.testing.assert_close(weights[0], torch.tensor([0, 0, *[1 / 3] * 6], dtype=torch.float64))
+    # S = 2 in a batch padded to 3: padding never kept, each real coalition repeated (uniform multiplicity)
+    assert (z[1, :, 2] == 0).all() and z[1, 0].tolist() == [1, 1, 0]
+    assert torch.equal(weights[1] > 0, (z[1].sum(1) == 1))
+
+
 # --- the captum:<Name> bridge -----------------------------------------------------------------------------
 
 

@@ -11,10 +11,9 @@ from torch import Tensor, nn
 
 from xailab.errors import ConfigError
 from xailab.explain import explain
-from xailab.explain.base import default_batch_size
+from xailab.explain.batching import default_batch_size, gaussian_blur
 from xailab.explain.gradients import (
     IG_METHODS,
-    gaussian_blur,
     input_x_gradient,
     integrated_gradients,
     integrated_gradients_delta,

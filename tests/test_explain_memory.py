@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     import xailab
-    from xailab.explain.base import default_batch_size
+    from xailab.explain.batching import default_batch_size
     torch.set_num_threads(2)
     model = xailab.create_model("densenet169", in_channels=3, num_classes=2, pretrained=False).eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -1,27 +1,38 @@
-"""Explanation methods behind one contract: ``explain(model, inputs, method, target) -> [B, 1, H, W]``.
+"""Explanation methods behind one contract: ``explain(model, inputs, method, /, target) -> [B, 1, H, W]``.
 
 Importing this package registers every built-in method.
 """
 
-from xailab.explain import cam, gradients, perturbation, transformer  # noqa: F401  (imported to register their methods)
+from xailab.explain import (  # noqa: F401  (imported to register their methods)
+    cam,
+    gradients,
+    perturbation,
+    transformer,
+)
 from xailab.explain.base import (
     METHODS,
     MethodSpec,
     applicable_methods,
     explain,
+    ParamSpec,
     list_methods,
     model_capabilities,
     preserved_state,
     register_method,
 )
 
+    resolve_method,
+    validate_method_params,
 __all__ = [
     "METHODS",
     "MethodSpec",
     "applicable_methods",
     "explain",
+    "ParamSpec",
     "list_methods",
     "model_capabilities",
     "preserved_state",
     "register_method",
 ]
+    "resolve_method",
+    "validate_method_params",

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import default_batch_size, register_method
-from xailab.explain.gradients import chunks
+from xailab.explain.base import register_method
+from xailab.explain.batching import chunk_size, chunks
 from xailab.explain.tokens import TokenGrid, token_grid
 
 # pytorch-grad-cam's guard against 0/0 in Grad-CAM++'s alpha where the gradient vanishes
@@ -175,9 +175,7 @@ def score_cam(
         # map ``i`` of ``[B * K, 1, h, w]`` is channel ``i % k`` of image ``i // k``
         maps = activation.flatten(0, 1)[:, None]
         weights = torch.zeros(b * k, device=inputs.device, dtype=inputs.dtype)
-        for index in chunks(
-            b * k, internal_batch_size or default_batch_size(inputs, grad=False), inputs.device
-        ):
+        for index in chunks(b * k, chunk_size(inputs, internal_batch_size, model=model), inputs.device):
             image = index // k
             masks = F.interpolate(maps[index], size=size, mode="bilinear", align_corners=False)
             low, high = masks.amin(dim=(2, 3), keepdim=True), masks.amax(dim=(2, 3), keepdim=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError, UnknownNameError
-from xailab.explain.base import MethodSpec
+from xailab.explain.base import CONTRACT_ARGS, MethodSpec, ParamSpec, declared_params
 
 # Abstract bases in captum.attr.__all__: constructible, but their attribute() is not implemented
 ABSTRACT_BASES = frozenset(
@@ -136,4 +136,13 @@ def captum_spec(name: str) -> MethodSpec:
         return _input_shaped(method.attribute(inputs, **params), inputs, name).float().detach()
 
     doc = (inspect.getdoc(cls) or "").strip().split("\n")[0]
-    return MethodSpec(f"captum:{name}", run, "sum", f"Captum's {name}: {doc}")
+    # .attribute(self, inputs, ...): its keywords, less those the bridge supplies (target) or that explain()
+    # owns, are the method's parameters
+    params = {
+        k: v for k, v in declared_params(cls.attribute, skip=2).items() if k not in CONTRACT_ARGS - {"method"}
+    }
+    if needs_layer:
+        params["layer"] = ParamSpec("layer", str | nn.Module | None, None)
+    return MethodSpec(
+        f"captum:{name}", run, "sum", f"Captum's {name}: {doc}", params=MappingProxyType(params)
+    )

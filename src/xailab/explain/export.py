@@ -10,6 +10,7 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +36,8 @@ def explain_to_disk(
     names: Sequence[str] | None = None,
     batch_size: int = 16,
     panels: int = 8,
-    params: Mapping[str, dict] | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    precision: Literal["fp32", "bf16"] = "fp32",
 ) -> Path:
     """Explain uint8 ``images`` ``[N, H, W, C]`` (at the model's input size) with every method in ``methods``.
 
@@ -44,7 +46,7 @@ def explain_to_disk(
     ``[b, 1, H, W]`` map per method), ``index.csv``
     (image, label, prediction, confidence), ``panels/<i>.png`` for the first ``panels`` images and
     ``grid.png`` (the first 32 images with the first method's map, correct/incorrect marked). Targets are the
-    predicted classes. ``params`` maps a method to its keyword arguments.
+    predicted classes. ``params`` maps a method to its keyword arguments; ``precision``: see ``explain``.
     """
     out = Path(out_dir)
     device = next(model.parameters()).device
@@ -72,7 +74,8 @@ def explain_to_disk(
                 "top_prob": top_prob.cpu(),
             }
             for method in methods:
-                maps = explain(model, x, method, target=prediction, **params.get(method, {}))
+                kwargs = {"precision": precision, **params.get(method, {})}  # a method's own precision wins
+                maps = explain(model, x, method, target=prediction, **kwargs)
                 tensors[method] = maps.cpu().contiguous()
             atomic_write(part_file, lambda p, t=tensors: save_file(t, str(p)))
         for j in range(chunk.shape[0]):

@@ -8,18 +8,19 @@ forward and one backward pass per chunk, like Captum's ``internal_batch_size``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import METHODS, default_batch_size, register_method
+from xailab.explain.base import METHODS, ParamSpec, declared_params, register_method
+from xailab.explain.batching import Baseline, baseline_images, chunk_size, chunks, seeded_generator
 
-IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
-BASELINES = ("zero", "blur", "mean")
+IGRule = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
+IG_METHODS: tuple[str, ...] = IGRule.__args__  # type: ignore[attr-defined]
 
 
 def target_gradients(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
@@ -34,11 +35,6 @@ def target_gradients(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor
         score = model(x).gather(1, target[:, None]).sum()
         (grad,) = torch.autograd.grad(score, x)
     return grad
-
-
-def chunks(total: int, size: int, device: torch.device) -> list[Tensor]:
-    """Consecutive index ranges ``[0, size), [size, 2 size), ...`` covering ``range(total)``."""
-    return list(torch.arange(total, device=device).split(size))
 
 
 @register_method("saliency", reduce="max_abs")
@@ -56,38 +52,6 @@ def input_x_gradient(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor
     """Input x gradient (Shrikumar et al. 2016): ``x * d logit_target / d x``, ``[B, C, H, W]``; summed over
     channels."""
     return inputs * target_gradients(model, inputs, target)
-
-
-def gaussian_blur(inputs: Tensor, sigma: float) -> Tensor:
-    """Each channel blurred by a separable Gaussian of ``sigma`` pixels (edges replicated): ``[B, C, H, W]``."""
-    if sigma <= 0:
-        return inputs.clone()
-    radius = int(np.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=inputs.device, dtype=inputs.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    b, c, h, w = inputs.shape
-    x = F.pad(inputs.reshape(b * c, 1, h, w), (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.reshape(b, c, h, w)
-
-
-def make_baseline(inputs: Tensor, baseline: str | Tensor = "zero", blur_sigma: float = 5.0) -> Tensor:
-    """The integrated-gradients baseline for ``inputs`` ``[B, C, H, W]``, as ``[B, C, H, W]``.
-
-    ``"zero"``: all zeros; ``"blur"``: the input blurred by a Gaussian of ``blur_sigma`` pixels (Sturmfels et
-    al. 2020); ``"mean"``: each image's per-channel mean; a tensor broadcastable to the inputs is used as is.
-    """
-    if isinstance(baseline, Tensor):
-        return baseline.to(inputs).expand_as(inputs)
-    if baseline == "zero":
-        return torch.zeros_like(inputs)
-    if baseline == "blur":
-        return gaussian_blur(inputs, blur_sigma)
-    if baseline == "mean":
-        return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs)
-    raise ConfigError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)} or a tensor")
 
 
 def ig_steps(method: str, n_steps: int) -> tuple[Tensor, Tensor]:
@@ -126,28 +90,29 @@ def integrated_gradients(
     model: nn.Module,
     inputs: Tensor,
     target: Tensor,
-    baseline: str | Tensor = "zero",
+    baseline: Baseline = "zero",
     n_steps: int = 50,
-    method: str = "gausslegendre",
-    blur_sigma: float = 5.0,
+    method: IGRule = "gausslegendre",
+    blur_sigma: float | None = None,
     internal_batch_size: int | None = None,
 ) -> Tensor:
     """Integrated gradients (Sundararajan et al. 2017): ``(x - x') * integral_0^1 grad f(x' + a (x - x')) da``,
     ``[B, C, H, W]``; summed over channels, so the map adds up to ``f(x) - f(x')`` (completeness).
 
-    ``baseline`` ``x'``: see ``make_baseline``. The integral is approximated by ``method`` (Captum's names
+    ``baseline`` ``x'``: see ``baseline_images`` (``"blur"``: a Gaussian of ``blur_sigma`` pixels, default
+    ``min(H, W) / 16``, Sturmfels et al. 2020). The integral is approximated by ``method`` (Captum's names
     and default) with ``n_steps`` points. All ``n_steps * B`` path points are evaluated in chunks of
     ``internal_batch_size`` (default: ``default_batch_size``); ``integrated_gradients_delta`` measures the
     completeness error.
     """
     alphas, step_sizes = (t.to(inputs) for t in ig_steps(method, n_steps))
-    baselines = make_baseline(inputs, baseline, blur_sigma)
+    baselines = baseline_images(inputs, baseline, blur_sigma)
     difference = inputs - baselines
     b = inputs.shape[0]
     total = torch.zeros_like(inputs)
     # path point ``i`` is image ``i % b`` at step ``i // b`` (Captum's order)
     for index in chunks(
-        n_steps * b, internal_batch_size or default_batch_size(inputs, grad=True), inputs.device
+        n_steps * b, chunk_size(inputs, internal_batch_size, grad=True, model=model), inputs.device
     ):
         step, image = index // b, index % b
         points = baselines[image] + alphas[step].view(-1, 1, 1, 1) * difference[image]
@@ -161,15 +126,15 @@ def integrated_gradients_delta(
     inputs: Tensor,
     target: Tensor,
     attributions: Tensor,
-    baselines: str | Tensor = "zero",
-    blur_sigma: float = 5.0,
+    baselines: Baseline = "zero",
+    blur_sigma: float | None = None,
 ) -> Tensor:
     """Completeness error per image, ``[B]``: ``sum(attributions) - (f(x)[target] - f(x')[target])``.
 
     ``attributions``: integrated gradients of ``inputs`` (``[B, C, H, W]`` or summed to ``[B, 1, H, W]``)
-    for the same ``baselines`` (as in ``make_baseline``). Call it with the model in eval mode.
+    for the same ``baselines`` (as in ``baseline_images``). Call it with the model in eval mode.
     """
-    baseline = make_baseline(inputs, baselines, blur_sigma)
+    baseline = baseline_images(inputs, baselines, blur_sigma)
     with torch.no_grad():
         logits = model(torch.cat([inputs, baseline]))
     scores = logits.gather(1, target.repeat(2)[:, None]).squeeze(1).view(2, -1)
@@ -183,8 +148,17 @@ SMOOTHGRAD_BASES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def _smoothgrad_base_params(params: Mapping[str, object]) -> Mapping[str, ParamSpec]:
+    """The parameters SmoothGrad passes on: those of its ``base`` (none for an unknown base, which the
+    method itself rejects naming the valid ones)."""
+    base = SMOOTHGRAD_BASES.get(str(params.get("base", "saliency")))
+    return declared_params(base) if base is not None else {}
+
+
 @register_method(
-    "smoothgrad", reduce=lambda params: METHODS.get(params.get("base", "saliency")).reduction(params)
+    "smoothgrad",
+    reduce=lambda params: METHODS.get(params.get("base", "saliency")).reduction(params),
+    extra_params=_smoothgrad_base_params,
 )
 def smoothgrad(
     model: nn.Module,
@@ -219,11 +193,11 @@ def smoothgrad(
         noise = noise.to(inputs).reshape(n_samples * b, *inputs.shape[1:])
     if n_samples < 1:
         raise ConfigError(f"n_samples={n_samples} must be at least 1")
-    batch_size = internal_batch_size or default_batch_size(inputs, grad=True)
+    batch_size = chunk_size(inputs, internal_batch_size, grad=True, model=model)
     if base == "integrated_gradients":
         base_params["internal_batch_size"] = batch_size
     sigma = noise_level * (inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3)))
-    generator = torch.Generator(device=inputs.device).manual_seed(seed)
+    generator = seeded_generator(inputs, seed)
     total = torch.zeros_like(inputs)
     # noisy copy ``i`` is image ``i % b`` with sample ``i // b`` of the noise
     for index in chunks(n_samples * b, batch_size, inputs.device):

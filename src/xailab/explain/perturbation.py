@@ -1,8 +1,9 @@
 """Perturbation methods: occlusion, LIME, Kernel SHAP and RISE.
 
 Each one scores many perturbed copies of the inputs. Every copy of every image goes through the model in
-chunks of ``internal_batch_size`` images (default: ``default_batch_size(inputs, grad=False)``); copies are built per chunk from flat indices with tensor ops, never one Python
-iteration per perturbation. Random methods take ``seed`` (default 0) and draw everything from one
+chunks of ``internal_batch_size`` images (default: ``default_batch_size(inputs, grad=False)``); copies are
+built per chunk from flat indices with tensor ops (``xailab.explain.batching``), never one Python iteration
+per perturbation. Random methods take ``seed`` (default 0) and draw everything from one
 ``torch.Generator`` on the inputs' device, so the same call gives the same map.
 
 Scores are the target class's logit (as Captum's methods use ``forward_func=model``), except RISE, which
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -22,60 +22,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import default_batch_size, register_method
-from xailab.explain.gradients import gaussian_blur
+from xailab.explain.base import register_method
+from xailab.explain.batching import (
+    Baseline,
+    baseline_images,
+    check_positive,
+    chunk_size,
+    chunks,
+    score_copies,
+    seeded_generator,
+)
 
-Baseline = Literal["zero", "mean", "blur"] | float
 Segments = Literal["slic", "grid"] | Tensor | None
 
 LIME_KERNEL_WIDTH = 0.25  # lime_image's default kernel width on the cosine distance
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
-
-
-def resolve_chunk(inputs: Tensor, internal_batch_size: int | None) -> int:
-    """``internal_batch_size`` checked, or ``default_batch_size(inputs, grad=False)`` when None."""
-    chunk = default_batch_size(inputs, grad=False) if internal_batch_size is None else internal_batch_size
-    _check_positive(internal_batch_size=chunk)
-    return chunk
-
-
-def seeded_generator(inputs: Tensor, seed: int) -> torch.Generator:
-    """A ``torch.Generator`` on the inputs' device seeded with ``seed``."""
-    return torch.Generator(device=inputs.device).manual_seed(seed)
-
-
-@torch.no_grad()
-def batched_target_scores(
-    model: nn.Module,
-    build: Callable[[Tensor], Tensor],
-    target: Tensor,
-    chunk: int,
-    softmax: bool = False,
-) -> Tensor:
-    """Scores of ``len(target)`` perturbed images, built and evaluated ``chunk`` at a time.
-
-    ``build(idx)``: the perturbed images with flat indices ``idx`` ``[k]`` as ``[k, C, H, W]``;
-    ``target`` ``[N]``: the class to score for each flat index. Returns ``[N]`` logits (probabilities with
-    ``softmax``), so memory stays bounded by ``chunk`` images whatever ``N`` is.
-    """
-    scores = []
-    for start in range(0, target.shape[0], chunk):
-        idx = torch.arange(start, min(start + chunk, target.shape[0]), device=target.device)
-        out = model(build(idx)).float()
-        if softmax:
-            out = out.softmax(1)
-        scores.append(out.gather(1, target[idx, None]).squeeze(1))
-    return torch.cat(scores)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -146,8 +106,8 @@ def occlusion(
 
     with torch.no_grad():
         full = model(inputs).float().gather(1, target[:, None])
-    chunk = resolve_chunk(inputs, internal_batch_size)
-    occluded = batched_target_scores(model, build, target.repeat_interleave(n_rows * n_cols), chunk)
+    chunk = chunk_size(inputs, internal_batch_size, model=model)
+    occluded = score_copies(model, build, target.repeat_interleave(n_rows * n_cols), chunk)
     drop = (full - occluded.view(b, n_rows * n_cols)).view(b, n_rows, n_cols)
     # Sum of the drops of the windows covering each pixel, as row_cover^T @ drop @ col_cover, over their count
     row_cover, col_cover = row_cover.float(), col_cover.float()
@@ -220,10 +180,10 @@ def segment_images(
                 f"segments map has shape {tuple(segments.shape)}; give [B, H, W] = {(b, height, width)} labels"
             )
     elif segments == "grid":
-        _check_positive(grid=grid)
+        check_positive(grid=grid)
         maps = grid_segments(height, width, grid, inputs.device).expand(b, height, width)
     elif segments == "slic":
-        _check_positive(n_segments=n_segments)
+        check_positive(n_segments=n_segments)
         maps = torch.stack([slic_segments(image, n_segments, compactness) for image in inputs])
         found = [len(m.unique()) for m in maps]
         # SLIC merges noise-like images into a handful of segments: a near-constant map should not be silent
@@ -240,20 +200,6 @@ def segment_images(
     labels = torch.stack([inverse for _, inverse in relabelled])
     counts = torch.tensor([len(values) for values, _ in relabelled], device=inputs.device)
     return labels, counts
-
-
-def baseline_images(inputs: Tensor, baseline: Baseline) -> Tensor:
-    """What hidden segments are replaced by, ``[B, C, H, W]``: ``"zero"``, ``"mean"`` (each image's mean per
-    channel), ``"blur"`` (a Gaussian blur of std ``min(H, W) / 16``) or a constant."""
-    if isinstance(baseline, int | float) and not isinstance(baseline, bool):
-        return torch.full_like(inputs, float(baseline))
-    if baseline == "zero":
-        return torch.zeros_like(inputs)
-    if baseline == "mean":
-        return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs)
-    if baseline == "blur":
-        return gaussian_blur(inputs, min(inputs.shape[-2:]) / 16)
-    raise ConfigError(f"baseline={baseline!r} is invalid; valid: 'zero', 'mean', 'blur' or a number")
 
 
 def coalition_scores(
@@ -279,7 +225,7 @@ def coalition_scores(
         keep = coalitions[image, idx % n].gather(1, flat_labels[image]).view(len(idx), 1, *labels.shape[1:])
         return torch.where(keep.bool(), inputs[image], background[image])
 
-    return batched_target_scores(model, build, target.repeat_interleave(n), chunk).view(b, n)
+    return score_copies(model, build, target.repeat_interleave(n), chunk).view(b, n)
 
 
 def segment_map(coefficients: Tensor, labels: Tensor) -> Tensor:
@@ -356,11 +302,11 @@ def lime(
     all-ones coalition (lime_image's ``sqrt(exp(-d^2 / width^2))``, ``kernel_width`` 0.25); ridge
     ``alpha`` 1 with an intercept, solved in closed form for all images at once.
     """
-    _check_positive(n_samples=n_samples)
+    check_positive(n_samples=n_samples)
     labels, counts = segment_images(inputs, segments, n_segments, compactness, grid)
     z = lime_coalitions(counts, n_samples, seeded_generator(inputs, seed))
     background = baseline_images(inputs, baseline)
-    chunk = resolve_chunk(inputs, internal_batch_size)
+    chunk = chunk_size(inputs, internal_batch_size, model=model)
     scores = coalition_scores(model, inputs, target, labels, z, background, chunk)
     return segment_map(weighted_ridge(z, scores, lime_weights(z, counts, kernel_width), alpha), labels)
 
@@ -396,17 +342,39 @@ def shapley_coalitions(counts: Tensor, n_samples: int, generator: torch.Generato
     return torch.cat([ends, kept], 1).float()
 
 
-def constrained_shapley_fit(coalitions: Tensor, scores: Tensor, counts: Tensor) -> Tensor:
-    """Kernel SHAP's regression with its constraints exact: ``phi`` ``[B, S]`` minimising
-    ``sum_n (f(z_n) - f(0) - z_n . phi)^2`` subject to ``sum phi = f(1) - f(0)``, for all images at once.
+def enumerated_coalitions(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Every coalition of ``max S`` features, ``[B, 2**max S, max S]`` (the all-ones first, the all-zeros
+    second, then the rest in binary order; padding features ``>= S_b`` are 0, which repeats each of image
+    ``b``'s real coalitions ``2**(max S - S_b)`` times: a uniform multiplicity that leaves the fit
+    unchanged), and their Shapley kernel weights ``(S-1) / (C(S, k) k (S - k))`` ``[B, 2**max S]``. The
+    empty and full coalitions have infinite weight: they enter as the fit's constraints, with weight 0 here."""
+    s_max, device = int(counts.max()), counts.device
+    codes = torch.tensor([2**s_max - 1, *range(2**s_max - 1)], device=device)
+    bits = (codes[:, None] >> torch.arange(s_max, device=device)) & 1
+    real = torch.arange(s_max, device=device) < counts[:, None]
+    z = (bits[None].bool() & real[:, None]).double()
+    k, s = z.sum(2), counts[:, None].double()
+    binomial = torch.exp(torch.lgamma(s + 1) - torch.lgamma(k + 1) - torch.lgamma(s - k + 1))
+    inner = (k > 0) & (k < s)
+    weights = torch.where(inner, (s - 1) / (binomial * k * (s - k)).clamp(min=1e-300), 0.0)
+    return z.float(), weights
 
-    ``coalitions`` ``[B, N, S]`` (rows 0 and 1 all-ones and all-zeros), ``scores`` ``[B, N]``. Captum gives
-    those two rows a weight of 1e6 instead, which tends to the same solution. The constraint eliminates the
-    last real segment ``S_b - 1``: ``phi_last = delta - sum(others)``; the rest is least squares, solved by
-    the pseudo-inverse so that too few samples give the minimum-norm fit rather than an error.
+
+def constrained_shapley_fit(
+    coalitions: Tensor, scores: Tensor, counts: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Kernel SHAP's regression with its constraints exact: ``phi`` ``[B, S]`` minimising
+    ``sum_n w_n (f(z_n) - f(0) - z_n . phi)^2`` subject to ``sum phi = f(1) - f(0)``, for all images at once.
+
+    ``coalitions`` ``[B, N, S]`` (rows 0 and 1 all-ones and all-zeros), ``scores`` ``[B, N]``, ``weights``
+    ``[B, N]`` (default 1: coalitions sampled by the Shapley kernel). Captum gives the two constraint rows a
+    weight of 1e6 instead, which tends to the same solution. The constraint eliminates the last real
+    segment ``S_b - 1``: ``phi_last = delta - sum(others)``; the rest is least squares, solved by the
+    pseudo-inverse so that too few samples give the minimum-norm fit rather than an error.
     """
     dtype = _solve_dtype(coalitions.device)
     z, y = coalitions.to(dtype), scores.to(dtype)
+    w = torch.ones_like(y) if weights is None else weights.to(dtype)
     s_max = z.shape[2]
     last = counts - 1
     full, empty = y[:, 0], y[:, 1]
@@ -415,11 +383,10 @@ def constrained_shapley_fit(coalitions: Tensor, scores: Tensor, counts: Tensor) 
     free = torch.arange(s_max, device=z.device) < last[:, None]
     design = (z - z_last[..., None]) * free[:, None]
     residual = y - empty[:, None] - z_last * delta[:, None]
+    weighted = design.transpose(1, 2) * w[:, None]
     # The eliminated and padding features get a 1 on the diagonal and a 0 right-hand side: coefficient 0
-    gram = design.transpose(1, 2) @ design + torch.diag_embed((~free).to(dtype))
-    phi = (torch.linalg.pinv(gram, hermitian=True) @ (design.transpose(1, 2) @ residual[..., None])).squeeze(
-        -1
-    )
+    gram = weighted @ design + torch.diag_embed((~free).to(dtype))
+    phi = (torch.linalg.pinv(gram, hermitian=True) @ (weighted @ residual[..., None])).squeeze(-1)
     return phi + F.one_hot(last, s_max).to(dtype) * (delta - phi.sum(1))[:, None]
 
 
@@ -445,16 +412,21 @@ def kernel_shap(
     add up (per segment) to ``f(x) - f(baseline)``. Segments and ``baseline`` as for ``lime``;
     ``n_samples`` coalitions per image including the all-ones and all-zeros ones, sizes drawn from the
     Shapley kernel (``shapley_coalitions``); fit by ``constrained_shapley_fit``. Exact for a model that is
-    additive in the segments once the samples span them.
+    additive in the segments once the samples span them. When ``2**S <= n_samples`` (``S``: the most
+    segments of an image) every coalition is enumerated instead and weighted by the Shapley kernel
+    (``enumerated_coalitions``): the exact Shapley values of any model, with fewer evaluations.
     """
     if n_samples < 2:
         raise ConfigError(f"n_samples={n_samples!r} must be at least 2 (the empty and full coalitions)")
     labels, counts = segment_images(inputs, segments, n_segments, compactness, grid)
-    z = shapley_coalitions(counts, n_samples, seeded_generator(inputs, seed))
+    if 2 ** int(counts.max()) <= n_samples:
+        z, weights = enumerated_coalitions(counts)
+    else:
+        z, weights = shapley_coalitions(counts, n_samples, seeded_generator(inputs, seed)), None
     background = baseline_images(inputs, baseline)
-    chunk = resolve_chunk(inputs, internal_batch_size)
+    chunk = chunk_size(inputs, internal_batch_size, model=model)
     scores = coalition_scores(model, inputs, target, labels, z, background, chunk)
-    return segment_map(constrained_shapley_fit(z, scores, counts), labels)
+    return segment_map(constrained_shapley_fit(z, scores, counts, weights), labels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,7 +468,7 @@ def rise(
     with probability ``p``, upsampled bilinearly with a random shift (``rise_masks``); the same masks serve
     every image. Scores are the target's softmax probability, as in the paper.
     """
-    _check_positive(n_masks=n_masks, cells=cells)
+    check_positive(n_masks=n_masks, cells=cells)
     if not 0 < p <= 1:
         raise ConfigError(f"p={p!r} must be in (0, 1]")
     b, _, height, width = inputs.shape
@@ -512,12 +484,11 @@ def rise(
         mask = idx % n_masks
         return inputs[idx // n_masks] * rise_masks(grids[mask], shifts[mask], height, width)[:, None]
 
-    chunk = resolve_chunk(inputs, internal_batch_size)
-    scores = batched_target_scores(model, build, target.repeat_interleave(n_masks), chunk, softmax=True)
+    chunk = chunk_size(inputs, internal_batch_size, model=model)
+    scores = score_copies(model, build, target.repeat_interleave(n_masks), chunk, score="softmax")
     scores = scores.view(b, n_masks)
     saliency = torch.zeros(b, height, width, device=inputs.device)
-    for start in range(0, n_masks, chunk):
-        end = min(start + chunk, n_masks)
-        masks = rise_masks(grids[start:end], shifts[start:end], height, width).float()
-        saliency += torch.einsum("bn,nhw->bhw", scores[:, start:end], masks)
+    for index in chunks(n_masks, chunk, inputs.device):
+        masks = rise_masks(grids[index], shifts[index], height, width).float()
+        saliency += torch.einsum("bn,nhw->bhw", scores[:, index], masks)
     return (saliency / (n_masks * p))[:, None]

@@ -14,7 +14,7 @@ from typing import Any
 from xailab.config import from_dict, read_config_file, to_dict
 from xailab.data.base import DATASETS
 from xailab.errors import ConfigError, UnknownNameError
-from xailab.explain.base import METHODS
+from xailab.explain.base import METHODS, resolve_method, validate_method_params
 from xailab.metrics.base import METRICS
 from xailab.models.base import MODELS
 from xailab.train.config import TrainConfig
@@ -68,10 +68,9 @@ def _names(where: str, value: Any, registry, allow_empty: bool = False) -> list[
     if not value and not allow_empty:
         raise ConfigError(f"{where}: give at least one; valid: {', '.join(registry.names())}")
     for i, name in enumerate(value):
-        if name.startswith("captum:") and registry is METHODS:
-            continue
+    lookup = resolve_method if registry is METHODS else registry.get  # captum:<Name> resolves as methods do
         try:
-            registry.get(name)
+            lookup(name)
         except UnknownNameError as e:
             raise ConfigError(f"{where}[{i}]: {e}") from None
     return list(value)
@@ -105,6 +104,11 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
         if dataset not in datasets:
             raise ConfigError(
                 f"{where}: dataset_roots: {dataset!r} is not in the study; valid: {', '.join(datasets)}"
+    # a misspelt method parameter fails now, not after every cell has trained
+    method_params = {
+        method: _checked(f"{where}: method_params.{method}", method, params)
+        for method, params in spec.method_params.items()
+    }
             )
         if not isinstance(root, str):
             raise ConfigError(f"{where}: dataset_roots.{dataset}: expected a folder path, got {root!r}")
@@ -126,7 +130,17 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
             raise ConfigError(
                 f"{where}: {key} {value!r} is not one of the study's methods: {', '.join(methods)}"
             )
-    return dataclasses.replace(spec, datasets=datasets, models=models, methods=methods, metrics=metrics)
+    return dataclasses.replace(
+        spec, datasets=datasets, models=models, methods=methods, metrics=metrics, method_params=method_params
+    )
+
+
+def _checked(where: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``validate_method_params`` with ``where`` in front of its message."""
+    try:
+        return validate_method_params(method, params)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def spec_from_dict(data: dict[str, Any], where: str = "study") -> StudySpec:

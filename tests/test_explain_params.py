@@ -1,0 +1,146 @@
+"""Method parameters are part of the contract: every declared parameter of every method reaches the method
+through the public ``explain`` (none collides with ``explain``'s own arguments), ``validate_method_params``
+names bad ones before any work, and ``captum:<Name>`` resolves like any other method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xailab.errors import ConfigError, UnknownNameError
+from xailab.explain import METHODS, applicable_methods, explain, resolve_method, validate_method_params
+from xailab.explain.base import CONTRACT_ARGS
+from xailab.explain.gradients import integrated_gradients
+from xailab.metrics import evaluate_explanations
+from xailab.study import spec_from_dict
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class TinyCNN(nn.Sequential):
+    """Two convolutions and a linear head on 3x8x8 inputs, 4 classes."""
+
+    cam_layer = "conv2"
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * 8 * 8, 4)
+
+
+# Values that keep each call cheap; every other declared parameter is passed explicitly at its default
+CHEAP = {
+    "n_steps": 4,
+    "n_samples": 8,
+    "n_masks": 8,
+    "segments": "grid",
+    "grid": 2,
+    "window": 4,
+    "stride": 4,
+}
+
+
+def test_no_method_parameter_collides_with_the_contract():
+    for name in METHODS.names():
+        assert not (set(METHODS.get(name).params) & (CONTRACT_ARGS - {"method"})), name
+
+
+@pytest.mark.parametrize("method", applicable_methods(TinyCNN()))
+def test_every_declared_parameter_reaches_the_method_through_explain(method):
+    model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    spec = METHODS.get(method)
+    params = {name: CHEAP.get(name, p.default) for name, p in spec.params.items()}
+    maps = explain(model, x, method, 1, **params)  # a collision would be a TypeError
+    assert maps.shape == (2, 1, 8, 8) and torch.isfinite(maps).all()
+    if "seed" in params:  # the parameter arrives: another seed gives another map
+        other = explain(model, x, method, 1, **{**params, "seed": params["seed"] + 1})
+        assert not torch.equal(maps, other)
+
+
+def test_integration_rule_of_integrated_gradients_is_a_parameter_of_explain():
+    model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 3])
+    left = explain(model, x, "integrated_gradients", target=target, method="riemann_left", n_steps=6)
+    inner = integrated_gradients(model, x, target, method="riemann_left", n_steps=6).sum(1, keepdim=True)
+    torch.testing.assert_close(left, inner)
+    default = explain(model, x, "integrated_gradients", target=target, n_steps=6)
+    assert not torch.allclose(left, default)
+    # the same through the metrics and through Captum's class, whose riemann_left has the same points
+    scores = evaluate_explanations(
+        model, x, target, method="integrated_gradients", metrics=["sparseness"],
+        method_params={"method": "riemann_left", "n_steps": 6},
+    )  # fmt: skip
+    direct = evaluate_explanations(model, x, target, left, metrics=["sparseness"])
+    torch.testing.assert_close(scores["sparseness"], direct["sparseness"])
+    captum = explain(model, x, "captum:IntegratedGradients", target=target, method="riemann_left", n_steps=6)
+    torch.testing.assert_close(captum, left, atol=1e-5, rtol=1e-4)
+
+
+def test_validate_method_params_coerces_text_and_names_bad_parameters():
+    got = validate_method_params(
+        "integrated_gradients", {"n_steps": "8", "baseline": "0.5", "method": "riemann_left"}
+    )
+    assert got == {"n_steps": 8, "baseline": 0.5, "method": "riemann_left"}
+    assert validate_method_params("saliency", {"abs": "false"}) == {"abs": False}
+    assert validate_method_params("gradcam", {"layer": "none"}) == {"layer": None}
+    assert validate_method_params("occlusion", {"window": [2, 3]}) == {"window": (2, 3)}
+    with pytest.raises(
+        ConfigError, match=r"'integrated_gradients' has no parameter 'n_step'\. Did you mean 'n_steps'"
+    ):
+        validate_method_params("integrated_gradients", {"n_step": 8})
+    with pytest.raises(ConfigError, match="Valid: baseline, n_steps, method"):
+        validate_method_params("integrated_gradients", {"steps": 8})
+    with pytest.raises(ConfigError, match=r"n_steps: int = 50 cannot take 'abc'"):
+        validate_method_params("integrated_gradients", {"n_steps": "abc"})
+    with pytest.raises(ConfigError, match="'simpson'"):
+        validate_method_params("integrated_gradients", {"method": "simpson"})
+    with pytest.raises(ConfigError, match="cannot take True"):
+        validate_method_params("rise", {"n_masks": True})  # a bool is no count
+    # SmoothGrad passes its base's parameters on, and only those
+    assert validate_method_params("smoothgrad", {"base": "integrated_gradients", "n_steps": "4"}) == {
+        "base": "integrated_gradients",
+        "n_steps": 4,
+    }
+    with pytest.raises(ConfigError, match="no parameter 'n_steps'"):
+        validate_method_params("smoothgrad", {"n_steps": 4})  # its default base, saliency, has none
+    with pytest.raises(ConfigError, match="no parameter 'n_step'"):
+        explain(TinyCNN(), torch.randn(1, 3, 8, 8), "integrated_gradients", n_step=4)
+
+
+def test_captum_names_resolve_with_their_parameters():
+    spec = resolve_method("captum:IntegratedGradients")
+    assert spec.name == "captum:IntegratedGradients" and {"n_steps", "method"} <= set(spec.params)
+    assert "target" not in spec.params and "layer" in resolve_method("captum:LayerGradCam").params
+    with pytest.raises(ConfigError, match="Did you mean 'n_steps'"):
+        validate_method_params("captum:IntegratedGradients", {"n_stepz": 3})
+    with pytest.raises(UnknownNameError, match="Did you mean 'DeepLift'"):
+        resolve_method("captum:DeepLyft")
+    with pytest.raises(UnknownNameError, match="'saliency'"):
+        resolve_method("salency")
+
+
+def test_a_study_with_a_misspelt_method_parameter_fails_when_read():
+    study = {
+        "name": "s",
+        "datasets": ["digits"],
+        "models": ["mnist_cnn"],
+        "methods": ["integrated_gradients", "captum:Saliency"],
+        "method_params": {"integrated_gradients": {"n_step": 8}},
+    }
+    with pytest.raises(ConfigError, match=r"method_params\.integrated_gradients: .*'n_step'.*'n_steps'"):
+        spec_from_dict(study)
+    study["method_params"] = {"integrated_gradients": {"n_steps": "8", "method": "riemann_left"}}
+    spec = spec_from_dict(study)
+    assert spec.method_params["integrated_gradients"] == {"n_steps": 8, "method": "riemann_left"}
+
+
+def test_precision_is_an_option_of_every_method():
+    assert validate_method_params("gradcam", {"precision": "bf16"}) == {"precision": "bf16"}
+    with pytest.raises(ConfigError, match="precision"):
+        validate_method_params("gradcam", {"precision": "fp16"})
