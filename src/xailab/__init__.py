@@ -1,63 +1,15 @@
 """xailab: train CNNs on image datasets, explain their decisions, measure the explanations, report.
 
 from xailab import create_model, load_dataset, train
+
+The public names are ``xailab.api``'s ``__all__`` (written once, there), plus ``XailabError`` and
+``__version__``.
 """
 
-from xailab.api import (
-    Run,
-    TrainConfig,
-    assess_run,
-    class_probabilities,
-    create_model,
-    decode_image,
-    evaluate,
-    evaluate_explanations,
-    explain,
-    explain_images,
-    explain_run,
-    explain_untrained,
-    list_datasets,
-    list_methods,
-    list_metrics,
-    list_models,
-    list_runs,
-    list_studies,
-    load_dataset,
-    load_run,
-    predict,
-    read_images,
-    run_study,
-    train,
-)
+from xailab.api import *  # noqa: F403  (re-exports exactly api.__all__)
+from xailab.api import __all__ as _api_all
 from xailab.errors import XailabError
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Run",
-    "TrainConfig",
-    "XailabError",
-    "__version__",
-    "assess_run",
-    "class_probabilities",
-    "create_model",
-    "decode_image",
-    "evaluate",
-    "evaluate_explanations",
-    "explain",
-    "explain_images",
-    "explain_run",
-    "explain_untrained",
-    "list_datasets",
-    "list_methods",
-    "list_metrics",
-    "list_models",
-    "list_runs",
-    "list_studies",
-    "load_dataset",
-    "load_run",
-    "predict",
-    "read_images",
-    "run_study",
-    "train",
-]
+__all__ = [*_api_all, "XailabError", "__version__"]
