@@ -5,34 +5,36 @@ Importing this package registers every built-in method.
 
 from xailab.explain import (  # noqa: F401  (imported to register their methods)
     cam,
+    cam_variants,
     gradients,
+    lrp,
     perturbation,
     transformer,
 )
 from xailab.explain.base import (
     METHODS,
     MethodSpec,
+    ParamSpec,
     applicable_methods,
     explain,
-    ParamSpec,
     list_methods,
     model_capabilities,
     preserved_state,
     register_method,
-)
-
     resolve_method,
     validate_method_params,
+)
+
 __all__ = [
     "METHODS",
     "MethodSpec",
+    "ParamSpec",
     "applicable_methods",
     "explain",
-    "ParamSpec",
     "list_methods",
     "model_capabilities",
     "preserved_state",
     "register_method",
-]
     "resolve_method",
     "validate_method_params",
+]

@@ -1,0 +1,140 @@
+"""Composites: which LRP rule each layer of a model gets, by module path, by layer type or by category.
+
+A composite maps keys to rules. A key is a module path (``"features.0"``), ``"first"`` (the layers that read
+the model input, directly or through parameter-free operations), a layer type or its name (``nn.Conv2d``,
+``"Conv2d"``), or a category: ``"conv"``, ``"linear"``, ``"norm"`` (a batch norm canonisation could not
+merge), ``"activation"`` (ReLU6 and other clipping activations). The most specific key wins, in that order.
+A rule is a ``Rule`` or a rule name (``RULES``) built with the call's ``epsilon``/``gamma``/bounds.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from xailab.errors import ConfigError
+from xailab.explain.lrp.rules import (
+    ACTIVATION_TYPES,
+    CONV_TYPES,
+    LINEAR_TYPES,
+    NORM_TYPES,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Pass,
+    Rule,
+    WSquare,
+    ZBox,
+    Zero,
+    ZPlus,
+)
+
+CATEGORIES: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv": CONV_TYPES,
+    "linear": LINEAR_TYPES,
+    "norm": NORM_TYPES,
+    "activation": ACTIVATION_TYPES,
+}
+SPECIAL_KEYS = ("first", *CATEGORIES)
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    """The numbers rule names are built with: ``epsilon`` (epsilon rule), ``gamma`` (gamma rule), ``low`` /
+    ``high`` (z-B bounds, scalars or per-channel tensors)."""
+
+    epsilon: float = 1e-6
+    gamma: float = 0.25
+    low: object = -3.0
+    high: object = 3.0
+
+
+RULES: dict[str, Callable[[RuleParams], Rule]] = {
+    "zero": lambda p: Zero(),
+    "epsilon": lambda p: Epsilon(p.epsilon),
+    "gamma": lambda p: Gamma(gamma=p.gamma),
+    "alpha1_beta0": lambda p: AlphaBeta(alpha=1.0, beta=0.0),
+    "alpha2_beta1": lambda p: AlphaBeta(alpha=2.0, beta=1.0),
+    "z_plus": lambda p: ZPlus(),
+    "flat": lambda p: Flat(),
+    "w_square": lambda p: WSquare(),
+    "z_box": lambda p: ZBox(low=p.low, high=p.high),  # type: ignore[arg-type]
+    "pass": lambda p: Pass(),
+}
+
+# Layers without an explicit rule in a named composite: an unmerged batch norm is a diagonal linear layer
+# (epsilon), and ReLU6's clipped part keeps no relevance (pass).
+_BASE = {"norm": "epsilon", "activation": "pass"}
+
+COMPOSITES: dict[str, dict[str, str]] = {
+    # one rule everywhere
+    "zero": {"conv": "zero", "linear": "zero", "norm": "zero", "activation": "pass"},
+    "epsilon": {"conv": "epsilon", "linear": "epsilon", **_BASE},
+    "gamma": {"conv": "gamma", "linear": "gamma", **_BASE},
+    "alpha1_beta0": {"conv": "alpha1_beta0", "linear": "alpha1_beta0", **_BASE},
+    "alpha2_beta1": {"conv": "alpha2_beta1", "linear": "alpha2_beta1", **_BASE},
+    "z_plus": {"conv": "z_plus", "linear": "z_plus", **_BASE},
+    # the literature's composites (Kohlbrenner et al. 2020; Zennit's names): epsilon on dense layers, a
+    # positive rule on convolutions, an input rule at the first layer
+    "epsilon_plus": {"conv": "z_plus", "linear": "epsilon", **_BASE},
+    "epsilon_plus_flat": {"first": "flat", "conv": "z_plus", "linear": "epsilon", **_BASE},
+    "epsilon_gamma_box": {"first": "z_box", "conv": "gamma", "linear": "epsilon", **_BASE},
+    "epsilon_alpha2_beta1": {"conv": "alpha2_beta1", "linear": "epsilon", **_BASE},
+    "epsilon_alpha2_beta1_flat": {"first": "flat", "conv": "alpha2_beta1", "linear": "epsilon", **_BASE},
+    "epsilon_w_square": {"first": "w_square", "conv": "epsilon", "linear": "epsilon", **_BASE},
+}
+
+Composite = str | Mapping[object, Rule | str]
+
+
+def build_rule(rule: Rule | str, params: RuleParams) -> Rule:
+    """``rule`` itself, or the rule named ``rule`` built with ``params``."""
+    if isinstance(rule, Rule):
+        return rule
+    if rule not in RULES:
+        close = difflib.get_close_matches(str(rule), RULES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown LRP rule {rule!r}.{hint} Valid: {', '.join(RULES)} or a Rule object")
+    return RULES[rule](params)
+
+
+def composite_map(composite: Composite) -> Mapping[object, Rule | str]:
+    """The key -> rule mapping of a named composite, or the user's mapping itself."""
+    if isinstance(composite, str):
+        if composite not in COMPOSITES:
+            close = difflib.get_close_matches(composite, COMPOSITES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown LRP composite {composite!r}.{hint} Valid: {', '.join(COMPOSITES)} or a mapping"
+            )
+        return COMPOSITES[composite]
+    if not isinstance(composite, Mapping):
+        raise ConfigError(f"composite must be a name or a mapping of layer keys to rules, got {composite!r}")
+    return composite
+
+
+def rule_for(
+    mapping: Mapping[object, Rule | str], path: str, module: nn.Module, first: bool, params: RuleParams
+) -> Rule | None:
+    """The rule of ``module`` at ``path`` (None: the module needs none, e.g. a plain ReLU): by path, then
+    ``"first"`` for input layers, then by type or type name, then by category."""
+    kind = type(module)
+    keys: list[object] = [path]
+    if first and not isinstance(module, ACTIVATION_TYPES + NORM_TYPES):
+        keys.append("first")
+    keys += [kind, kind.__name__]
+    keys += [category for category, types in CATEGORIES.items() if isinstance(module, types)]
+    for key in keys:
+        if key in mapping:
+            return build_rule(mapping[key], params)
+    if isinstance(module, nn.ReLU):
+        return None  # the plain gradient of a ReLU is the pass rule
+    category = next((c for c, types in CATEGORIES.items() if isinstance(module, types)), kind.__name__)
+    raise ConfigError(
+        f"the LRP composite has no rule for layer {path!r} of type {kind.__name__}; add a rule for "
+        f"{category!r}, {kind.__name__!r} or {path!r} to the composite"
+    )

@@ -1,0 +1,396 @@
+"""Layer-wise relevance propagation: conservation on every zoo model, canonisation that changes no output,
+parity with Captum's LRP, a hand-computed two-layer example per rule, batching, bf16 and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from xailab.errors import ConfigError
+from xailab.explain import explain
+from xailab.explain.lrp import (
+    COMPOSITES,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    WSquare,
+    ZBox,
+    Zero,
+    ZPlus,
+    box_bounds,
+    canonize,
+)
+from xailab.models import MODELS, create_model, list_models, model_input_size
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NUM_CLASSES = 5
+SIZE = 32  # every zoo model at 32x32 (the ImageNet backbones too: they pool down to 1x1)
+
+
+def conv_models() -> list:
+    """The zoo's convolutional models (the ViT has no LRP rules; see test_unsupported_layers_are_named); the
+    ImageNet backbones (a few seconds each on a CPU) are marked slow."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow) if model_input_size(name)[0] > 64 else name
+        for name in list_models()
+        if not name.startswith("vit")
+    ]
+
+
+def build(name: str, randomise_norms: bool = True) -> nn.Module:
+    """A random-init zoo model for 3-channel 32x32 inputs, in eval mode, with batch-norm statistics that are
+    not the identity (so merging them is exercised)."""
+    options = {}
+    parameters = inspect.signature(MODELS.get(name).factory).parameters
+    if "pretrained" in parameters:
+        options["pretrained"] = False
+    if "image_size" in parameters:
+        options["image_size"] = SIZE
+    torch.manual_seed(0)
+    model = create_model(name, 3, NUM_CLASSES, **options).eval()
+    if randomise_norms:
+        generator = torch.Generator().manual_seed(1)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.data.copy_(0.4 * torch.rand(n, generator=generator) - 0.2)
+    return model
+
+
+def images(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def strip_biases(model: nn.Module) -> nn.Module:
+    """The model made bias-free (every conv/linear bias and batch-norm shift zero), hence positively
+    homogeneous up to ReLU6's clipping: LRP-0 must conserve its logits exactly."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.zero_()
+                m.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", conv_models())
+def test_canonised_copy_gives_the_same_logits_and_leaves_the_model_alone(name):
+    model = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images()
+    twin = canonize(model, x)
+    merged = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) - sum(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in twin.modules()
+    )
+    with torch.no_grad():
+        expected, got = model(x), twin(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * (1 + expected.abs().max().item()))
+    if name != "keras_cnn":  # keras' BN follows a ReLU: nothing to merge
+        assert merged > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", conv_models())
+def test_lrp_0_conserves_the_target_logit_on_bias_free_models(name):
+    model = strip_biases(build(name))
+    x = images()
+    target = torch.tensor([0, 3])
+    relevance = explain(model, x, "lrp", target, reduce=None, composite="zero")
+    with torch.no_grad():
+        logits = model(x).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-4, atol=1e-5)
+    # a tiny epsilon barely absorbs anything
+    eps = explain(model, x, "lrp", target, reduce=None, composite="epsilon", epsilon=1e-9)
+    torch.testing.assert_close(eps.sum(dim=(1, 2, 3)), logits, rtol=1e-3, atol=1e-5)
+
+
+def test_lrp_0_with_biases_absorbs_exactly_the_biases_share():
+    """Conservation with biases: each layer keeps ``sum_j b_j c_j`` (its bias's share ``b_j / z_j R_j``), so
+    the input relevance is the logit minus those shares, read from the gradients at every layer output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    target = torch.tensor([0, 2])
+    relevance = explain(model, x, "lrp", target, reduce=None, composite="zero").sum(dim=(1, 2, 3))
+    outputs = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, key=k: outputs.__setitem__(key, o))
+        for k, m in enumerate(model)
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    logits = model(x)
+    for hook in hooks:
+        hook.remove()
+    score = logits.gather(1, target[:, None]).sum()
+    grads = torch.autograd.grad(score, list(outputs.values()))
+    absorbed = sum(
+        (g * model[k].bias.view(1, -1, *([1] * (g.ndim - 2)))).flatten(1).sum(1)
+        for k, g in zip(outputs, grads, strict=True)
+    )
+    expected = logits.gather(1, target[:, None]).squeeze(1) - absorbed
+    torch.testing.assert_close(relevance, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- a hand-computed two-layer example per rule ----------------------------------------------------------
+
+W1 = np.array([[1.0, -2.0, 0.5, 1.5], [-1.0, 0.5, 2.0, -0.5], [0.5, 1.0, -1.0, 1.0]])
+B1 = np.array([0.1, -0.2, 0.3])
+W2 = np.array([[1.5, -1.0, 2.0], [-0.5, 1.0, 0.5]])
+B2 = np.array([0.2, -0.1])
+X = np.array([0.8, -0.3, 0.6, 0.4])
+LOW, HIGH = -1.0, 1.0
+
+
+def dense(
+    rule: str, x: np.ndarray, w: np.ndarray, b: np.ndarray, r: np.ndarray, eps: float = 1e-6
+) -> np.ndarray:
+    """The paper's formula for one dense layer, written out neuron by neuron (x: inputs, r: output relevance)."""
+    out = np.zeros_like(x)
+    for j in range(w.shape[0]):
+        contrib = x * w[j]
+        if rule == "zero":
+            parts, z = contrib, contrib.sum() + b[j]
+        elif rule == "epsilon":
+            parts, z = contrib, contrib.sum() + b[j]
+            z = z + eps * (1 if z >= 0 else -1)
+        elif rule == "gamma":  # favour contributions of the output's sign: w + gamma w+ on x+ where z > 0 ...
+            up, down = w[j] + 0.25 * np.clip(w[j], 0, None), w[j] + 0.25 * np.clip(w[j], None, 0)
+            xp, xn = np.clip(x, 0, None), np.clip(x, None, 0)
+            if contrib.sum() + b[j] >= 0:
+                parts, bias = xp * up + xn * down, b[j] + 0.25 * max(b[j], 0)
+            else:
+                parts, bias = xp * down + xn * up, b[j] + 0.25 * min(b[j], 0)
+            z = parts.sum() + bias
+        elif rule == "z_plus":
+            parts = np.clip(x, 0, None) * np.clip(w[j], 0, None) + np.clip(x, None, 0) * np.clip(
+                w[j], None, 0
+            )
+            z = parts.sum()
+        elif rule.startswith("alpha"):
+            alpha, beta = (1.0, 0.0) if rule == "alpha1_beta0" else (2.0, 1.0)
+            pos, neg = np.clip(contrib, 0, None), np.clip(contrib, None, 0)
+            zp, zn = pos.sum() + max(b[j], 0), neg.sum() + min(b[j], 0)
+            out += (
+                alpha * pos / (zp + 1e-6) - beta * (neg / (zn - 1e-6) if neg.any() or b[j] < 0 else 0)
+            ) * r[j]
+            continue
+        elif rule == "flat":
+            parts = np.ones_like(x)
+            z = parts.sum()
+        elif rule == "w_square":
+            parts = w[j] ** 2
+            z = parts.sum()
+        elif rule == "z_box":
+            parts = x * w[j] - LOW * np.clip(w[j], 0, None) - HIGH * np.clip(w[j], None, 0)
+            z = parts.sum()
+        out += parts / z * r[j]
+    return out
+
+
+def two_layer() -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.from_numpy(W1))
+        model[1].bias.copy_(torch.from_numpy(B1))
+        model[3].weight.copy_(torch.from_numpy(W2))
+        model[3].bias.copy_(torch.from_numpy(B2))
+    return model.float().eval()
+
+
+HAND_RULES = {
+    "zero": Zero(),
+    "epsilon": Epsilon(1e-6),
+    "gamma": Gamma(gamma=0.25, stabilizer=0.0),
+    "z_plus": ZPlus(stabilizer=0.0),
+    "alpha1_beta0": AlphaBeta(alpha=1.0, beta=0.0),
+    "alpha2_beta1": AlphaBeta(alpha=2.0, beta=1.0),
+}
+INPUT_RULES = {
+    "flat": Flat(stabilizer=0.0),
+    "w_square": WSquare(stabilizer=0.0),
+    "z_box": ZBox(stabilizer=0.0, low=LOW, high=HIGH),
+}
+
+
+@pytest.mark.parametrize("rule", [*HAND_RULES, *INPUT_RULES])
+def test_two_layer_example_matches_the_formula_by_hand(rule):
+    model = two_layer()
+    x = torch.tensor(X, dtype=torch.float32).view(1, 1, 2, 2)
+    if rule in INPUT_RULES:  # an input rule at the first layer, LRP-0 above it
+        mapping, first_rule, top_rule = {"1": INPUT_RULES[rule], "3": Zero()}, rule, "zero"
+    else:
+        mapping, first_rule, top_rule = {"1": HAND_RULES[rule], "3": HAND_RULES[rule]}, rule, rule
+    hidden = np.maximum(W1 @ X + B1, 0)
+    logit = W2[0] @ hidden + B2[0]
+    r_hidden = dense(top_rule, hidden, W2, B2, np.array([logit, 0.0]))
+    expected = dense(first_rule, X, W1, B1, r_hidden * (hidden > 0))
+    got = explain(model, x, "lrp", target=0, reduce=None, composite=mapping)
+    np.testing.assert_allclose(got.flatten().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+# ---- parity with Captum ----------------------------------------------------------------------------------
+
+
+def captum_twin(model: nn.Module) -> nn.Module:
+    """The same network as modules Captum's LRP understands: the VGG-style CNNs' functional global mean as
+    ``AdaptiveAvgPool2d`` + ``Flatten`` (Captum's plain gradient would spread it uniformly, not by value)."""
+    if hasattr(model, "features") and hasattr(model, "classifier") and not hasattr(model, "block1"):
+        return nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.classifier)
+    return model
+
+
+PARITY = {  # rule on convolutions -> (ours, Captum's)
+    "epsilon": (lambda: Epsilon(1e-9), "EpsilonRule"),
+    "gamma": (lambda: Gamma(gamma=0.25, stabilizer=1e-9, zero_bias=True), "GammaRule"),
+    "alpha1_beta0": (
+        lambda: AlphaBeta(alpha=1.0, beta=0.0, stabilizer=1e-9, zero_bias=True),
+        "Alpha1_Beta0_Rule",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [("mnist_cnn", r) for r in PARITY] + [("simple_cnn", r) for r in PARITY] + [("keras_cnn", "epsilon")],
+)
+def test_parity_with_captum_lrp(name, rule):
+    """Epsilon on the first layer, dense layers and batch norms, ``rule`` on the other convolutions.
+
+    Captum applies gamma and alpha1-beta0 to inputs of either sign as if they were positive; ours follow the
+    papers (and Zennit) there, so those two are compared where every convolution above the first sees
+    non-negative inputs: the canonised VGG-style CNNs (conv -> ReLU -> pool). keras_cnn's second conv reads
+    a batch norm's output of either sign, so only epsilon is compared on it.
+    """
+    from captum.attr import LRP
+    from captum.attr._utils import lrp_rules
+
+    model = build(name)
+    channels = 3
+    x = images(2)
+    target = torch.tensor([1, 4])
+    ours_rule, captum_rule = PARITY[rule]
+    base = canonize(model, x) if name != "keras_cnn" else copy.deepcopy(model)
+    mapping = {"first": Epsilon(1e-9), "conv": ours_rule(), "linear": Epsilon(1e-9), "norm": Epsilon(1e-9)}
+    ours = explain(base, x, "lrp", target, reduce=None, composite=mapping, canonize=False)
+
+    twin = captum_twin(copy.deepcopy(base))
+    first = next(m for m in twin.modules() if isinstance(m, nn.Conv2d))
+    for m in twin.modules():
+        if isinstance(m, nn.Conv2d) and m is not first:
+            m.rule = (
+                lrp_rules.EpsilonRule(1e-9)
+                if captum_rule == "EpsilonRule"
+                else getattr(lrp_rules, captum_rule)(set_bias_to_zero=True)
+            )
+        elif isinstance(m, nn.Identity | nn.Flatten | nn.Conv2d | nn.Linear | nn.BatchNorm2d):
+            m.rule = lrp_rules.EpsilonRule(1e-9)
+    theirs = LRP(twin).attribute(x.clone().requires_grad_(True), target=target).detach()
+    assert ours.shape == theirs.shape == (2, channels, SIZE, SIZE)
+    scale = theirs.abs().max().item()
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4 * scale)
+
+
+# ---- every zoo model with every composite ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", conv_models())
+def test_every_zoo_model_explains_with_every_composite(name):
+    model = build(name)
+    x = images(1)
+    low, high = box_bounds((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    sums = {}
+    for composite in COMPOSITES:
+        maps = explain(model, x, "lrp", torch.tensor([1]), composite=composite, low=low, high=high)
+        assert maps.shape == (1, 1, SIZE, SIZE)
+        assert torch.isfinite(maps).all(), composite
+        assert maps.abs().sum() > 0, composite
+        sums[composite] = maps.sum(dim=(1, 2, 3))
+    # the flat input rule only redistributes what reaches the first layers: same totals as without it
+    torch.testing.assert_close(sums["epsilon_plus_flat"], sums["epsilon_plus"], rtol=1e-3, atol=1e-5)
+
+
+def test_unsupported_layers_are_named():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.GELU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+    with pytest.raises(ConfigError, match="'act' of type GELU"):
+        explain(Odd(), torch.randn(1, 3, 8, 8), "lrp")
+    # a user composite can give it a rule
+    maps = explain(
+        Odd(),
+        torch.randn(1, 3, 8, 8),
+        "lrp",
+        composite={"GELU": "pass", "conv": "epsilon", "linear": "epsilon"},
+    )
+    assert torch.isfinite(maps).all()
+    vits = [name for name in list_models() if name.startswith("vit")]
+    for name in vits:
+        vit = create_model(
+            name,
+            3,
+            NUM_CLASSES,
+            **(
+                {"pretrained": False}
+                if "pretrained" in inspect.signature(MODELS.get(name).factory).parameters
+                else {}
+            ),
+        )
+        with pytest.raises(ConfigError, match="of type"):
+            explain(vit, torch.randn(1, 3, 32, 32), "lrp")
+
+
+def test_unknown_composite_and_rule_suggest_names():
+    model = build("mnist_cnn")
+    with pytest.raises(ConfigError, match="epsilon_plus_flat"):
+        explain(model, torch.randn(1, 3, SIZE, SIZE), "lrp", composite="epsilon_plus_flta")
+    with pytest.raises(ConfigError, match="'gamma'"):
+        explain(model, torch.randn(1, 3, SIZE, SIZE), "lrp", composite={"conv": "gamm", "linear": "epsilon"})
+
+
+def test_chunks_and_targets_per_image_give_the_same_maps():
+    model = build("mobilenetv2")
+    x = images(3)
+    target = torch.tensor([2, 0, 4])
+    whole = explain(model, x, "lrp", target, composite="epsilon_gamma_box", low=-3.0, high=3.0)
+    chunked = explain(
+        model, x, "lrp", target, composite="epsilon_gamma_box", low=-3.0, high=3.0, internal_batch_size=1
+    )
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+    single = explain(model, x[1:2], "lrp", target[1:2], composite="epsilon_gamma_box", low=-3.0, high=3.0)
+    torch.testing.assert_close(single, whole[1:2], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_fast_mode_agrees_with_fp32():
+    model = build("mnist_cnn")
+    x = images(2)
+    fp32 = explain(model, x, "lrp", torch.tensor([0, 1]), composite="epsilon_plus_flat")
+    bf16 = explain(model, x, "lrp", torch.tensor([0, 1]), composite="epsilon_plus_flat", precision="bf16")
+    assert bf16.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(fp32.flatten(1), bf16.flatten(1))
+    assert (cosine > 0.9).all(), cosine
