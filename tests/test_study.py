@@ -83,7 +83,17 @@ def test_unknown_study_name_suggests():
 
 def test_bundled_studies_validate_and_expand():
     assert list_studies() == sorted(
-        ["quick", "seed-grid", "mnist-cnn", "cifar10-cnn", "kernel-stride", "chest-xray"]
+        [
+            "quick",
+            "seed-grid",
+            "mnist-cnn",
+            "cifar10-cnn",
+            "kernel-stride",
+            "chest-xray",
+            "shortcut",
+            "shortcut-chest-xray",
+            "cnn-vs-vit",
+        ]
     )
     expected = {
         "quick": ["keras_cnn__digits", "mnist_cnn__digits"],
@@ -93,10 +103,15 @@ def test_bundled_studies_validate_and_expand():
             for m in ("mobilenetv2", "efficient_cnn", "resnet18")
         ],
         "mnist-cnn": ["mnist_cnn__mnist"],
+        "shortcut": ["mnist_cnn__shortcut"],  # kind: shortcut, the control trains inside the cell
+        "shortcut-chest-xray": ["mobilenetv2__shortcut"],
         "cifar10-cnn": ["simple_cnn__cifar10"],
         "kernel-stride": [f"keras_cnn-stride{s}-kernel_size{k}__cifar10" for s in (1, 2, 3) for k in (3, 4)],
         "chest-xray": [
             f"{m}__chest_xray" for m in ("transfer_ensemble", "mobilenetv2_imagenet", "densenet169")
+        ],
+        "cnn-vs-vit": [
+            f"{m}__{d}" for d in ("cifar10", "mnist") for m in ("resnet18", "efficient_cnn", "vit_tiny")
         ],
     }
     for name in list_studies():

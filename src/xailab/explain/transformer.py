@@ -119,7 +119,7 @@ def rollout(attentions: Sequence[Tensor], discard_ratio: float = 0.0, residual: 
     return result
 
 
-def patch_map(relevance: Tensor, grid: TokenGrid, size: tuple[int, int]) -> Tensor:
+def patch_map(relevance: Tensor, grid: TokenGrid, size: tuple[int, ...]) -> Tensor:
     """Relevance per patch token ``[B, h * w]`` as a map ``[B, 1, H, W]`` (bilinear upsampling)."""
     maps = relevance.reshape(-1, 1, grid.height, grid.width)
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
