@@ -6,8 +6,12 @@ import csv
 import json
 
 import pytest
+import torch
 
 from xailab.cli import main
+from xailab.errors import ConfigError
+from xailab.metrics import Assessment, assess, summarise
+from xailab.report.assessment import write_assessment
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +53,40 @@ def test_assess_unknown_names_suggest_the_nearest(digits_run, tmp_path, capsys, 
     assert main(["assess", str(digits_run), "--n", "2", option, value, "--out", str(tmp_path)]) != 0
     err = capsys.readouterr().err
     assert "Did you mean" in err and message in err and "Traceback" not in err
+
+
+def test_scores_json_is_the_assessment_record(digits_run, tmp_path):
+    out = tmp_path / "a"
+    argv = ["assess", str(digits_run), "--n", "4", "--methods", "saliency", "--metrics", "sparseness"]
+    assert main([*argv, "--out", str(out)]) == 0
+    data = json.loads((out / "scores.json").read_text())
+    record = Assessment.from_json(data)
+    assert record.to_json() == data and record.version == 1
+    assert record.methods == ("saliency",) and len(record.per_image["saliency"]["sparseness"]) == 4
+
+
+def test_the_engine_returns_data_and_the_report_draws_it(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 64, 3)
+    ).eval()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    record = assess(
+        model, x, None, ["saliency", "gradcam"], ["deletion_auc", "sparseness", "model_randomisation"],
+        model_name="tiny", metric_params={"n_steps": 4}, n_examples=2,
+    )  # fmt: skip
+    # data only: per-image scores, curves, sanity, agreement; the summary is the per-image scores' summary
+    assert set(record.per_image) == {"saliency", "gradcam"} and len(record.curves["gradcam"]["deletion"]) == 5
+    expected = summarise({m: torch.tensor(v) for m, v in record.per_image["saliency"].items()})
+    assert record.quality()["saliency"] == expected
+    assert record.sanity_maps["saliency"].shape[:2] == (len(record.sanity["saliency"].layers) + 1, 2)
+    assert record.agreement is not None and record.agreement.methods == ("saliency", "gradcam")
+    assert Assessment.from_json(json.loads(json.dumps(record.to_json()))) == record
+    write_assessment(record, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert len(rows) == 6 and {r["better"] for r in rows} == {"lower", "higher"}
+    assert (tmp_path / "per_image.csv").read_text().count("\n") == 1 + 2 * 5
+    for name in ("deletion_insertion", "sanity_check", "sanity_maps_gradcam", "agreement"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="version"):
+        Assessment.from_json({**record.to_json(), "version": 99})

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError, UnknownNameError
+from xailab.explain import explain, preserved_state
 from xailab.metrics import (
     METRICS,
     agreement_matrix,
@@ -22,6 +23,7 @@ from xailab.metrics import (
     spearman,
     summarise,
 )
+from xailab.metrics.base import score_explanations
 from xailab.metrics.localisation import LOCALISATION_METRICS
 from xailab.metrics.randomisation import random_logit, random_off_targets
 
@@ -218,6 +220,59 @@ def test_scores_do_not_depend_on_the_batch_size():
     large = evaluate_explanations(model, x, None, a, metrics=names, batch_size=1000)
     for name in names:
         torch.testing.assert_close(small[name], large[name], atol=1e-5, rtol=1e-5)
+
+
+# Metrics that score a map's ranking or shape, not its unit (infidelity once its least-squares scale is fitted)
+SCALE_FREE = {
+    "sparseness": {},
+    "complexity": {},
+    "deletion_auc": {},
+    "insertion_auc": {},
+    "pixel_flipping": {},
+    "faithfulness_correlation": {"n_runs": 20},
+    "road": {"percentages": (10, 50, 90)},
+    "infidelity": {"normalise": True},
+}
+SCALES = (1e-6, 1e-3, 1e3)
+
+
+@pytest.mark.parametrize("name", SCALE_FREE)
+def test_scores_do_not_depend_on_the_scale_of_the_map(name):
+    model, x = tiny_cnn(), torch.randn(4, 1, H, W, generator=torch.Generator().manual_seed(3))
+    a = torch.randn(4, 1, H, W, generator=torch.Generator().manual_seed(4)).relu()  # ties at 0
+    y = model(x).argmax(1)
+    base = evaluate_explanations(model, x, y, a, metrics=[name], **SCALE_FREE[name])[name]
+    for scale in SCALES:
+        scaled = evaluate_explanations(model, x, y, a * scale, metrics=[name], **SCALE_FREE[name])[name]
+        torch.testing.assert_close(scaled, base, rtol=1e-4, atol=1e-5, msg=f"{name} at scale {scale}")
+
+
+@pytest.mark.parametrize(
+    "name", ["max_sensitivity", "avg_sensitivity", "random_logit", "model_randomisation"]
+)
+def test_scores_of_re_explaining_metrics_do_not_depend_on_the_scale_of_the_maps(name):
+    model, x = tiny_cnn(), torch.randn(4, 1, H, W, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+
+    def scaled(scale: float):
+        return lambda m, inputs, targets: scale * explain(m, inputs, "saliency", targets)
+
+    with preserved_state(model):
+        base = score_explanations(model, x, y, explain(model, x, "saliency", y), [name], scaled(1.0))[name]
+        for scale in SCALES:
+            a = scale * explain(model, x, "saliency", y)
+            got = score_explanations(model, x, y, a, [name], scaled(scale))[name]
+            torch.testing.assert_close(got, base, rtol=1e-4, atol=1e-5, msg=f"{name} at scale {scale}")
+
+
+def test_sparseness_of_a_small_valued_map_is_that_of_the_map():
+    # the case: an absolute epsilon made a 1e-6-scaled map look far less sparse (0.80 -> 0.43)
+    model, x, y, perfect = linear_case()
+    a = perfect.abs() ** 4  # a concentrated map
+    one = evaluate_explanations(model, x, y, a, metrics=["sparseness"])["sparseness"]
+    tiny = evaluate_explanations(model, x, y, a * 1e-6, metrics=["sparseness"])["sparseness"]
+    assert float(one.min()) > 0.5
+    torch.testing.assert_close(tiny, one, rtol=1e-5, atol=1e-6)
 
 
 def test_superpixel_steps_and_baselines():

@@ -81,6 +81,33 @@ def test_pixel_flipping_curve(channels):
     np.testing.assert_allclose(auc.numpy(), np.trapezoid(theirs, dx=1, axis=1), atol=1e-4)
 
 
+def gradcam_maps(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Grad-CAM maps of the first convolution: ReLU zeros and flat regions, so many tied values."""
+    return explain(model, x, "gradcam", y, layer="0")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_pixel_flipping_and_road_curves_equal_quantus_on_maps_with_ties(seed):
+    # Quantus orders tied pixels as numpy's (unstable) argsort of the negated map does; so does
+    # ``descending_order``, so curves agree also where a step splits a group of equal values
+    model = tiny_cnn(1, seed=seed)
+    x, _, _ = batch(1, size=12, n=8, seed=seed)
+    y = model(x).argmax(1)
+    a = gradcam_maps(model, x, y)
+    a[:, :, :3] = a[:, :, :3].round(decimals=1)  # plus a flat border of equal non-zero values
+    flat = a.flatten(1)
+    assert all(len(row.unique()) < row.numel() - 10 for row in flat)  # ties indeed
+    ours = pixel_flipping_curve(model, x, y, a, pixels_per_step=6, baseline="black")
+    metric = quantus.PixelFlipping(features_in_step=6, disable_warnings=True)
+    theirs = np.array(metric(model=model, x_batch=np_(x), y_batch=y.numpy(), a_batch=np_(a), device="cpu"))
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
+    percentages = [10, 30, 50, 70, 90]
+    ours_road = road_curve(model, x, y, a, percentages=tuple(percentages), noise=0.0)
+    road = quantus.ROAD(percentages=percentages, noise=0.0, disable_warnings=True)
+    theirs_road = road(model=model, x_batch=np_(x), y_batch=y.numpy(), a_batch=np_(a), device="cpu")
+    np.testing.assert_allclose(ours_road.mean(0).numpy(), [theirs_road[p] for p in percentages], atol=1e-6)
+
+
 def test_faithfulness_correlation_with_replayed_subsets():
     model = tiny_cnn(1)
     x, y, a = batch(1)
@@ -212,12 +239,15 @@ def test_max_sensitivity_as_captum():
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalise", [False, True])
 @pytest.mark.parametrize("name", ["sparseness", "complexity"])
-def test_complexity_metrics(name):
+def test_complexity_metrics(name, normalise):
+    # ours scale maps to max |a| = 1 (Quantus's default normalise=True); without Quantus's normalisation its
+    # absolute 1e-7 weighs differently, by less than the tolerance on maps of unit scale
     model = tiny_cnn(1)
     x, y, a = batch(1)
     metric = {"sparseness": quantus.Sparseness, "complexity": quantus.Complexity}[name](
-        normalise=False, disable_warnings=True
+        normalise=normalise, disable_warnings=True
     )
     theirs = metric(model=model, x_batch=np_(x), y_batch=y.numpy(), a_batch=np_(a), device="cpu")
     ours = evaluate_explanations(model, x, y, a, metrics=[name])[name]

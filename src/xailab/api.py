@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -14,13 +14,16 @@ from PIL import Image, UnidentifiedImageError
 from xailab.data import Dataset, list_datasets, load_dataset
 from xailab.data.transforms import resize_uint8, to_channels, to_model_input
 from xailab.errors import ConfigError, DatasetError
-from xailab.explain import METHODS, explain, list_methods
+from xailab.explain import explain, list_methods, resolve_method, validate_method_params
 from xailab.explain.export import explain_to_disk
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
-from xailab.metrics.assess import assess_explanations
+from xailab.metrics.assessment import assess
 from xailab.models import create_model, list_models, model_input_size, random_init_options
+from xailab.report.assessment import write_assessment
 from xailab.study import list_studies, run_study
 from xailab.train import Run, TrainConfig, classification_metrics, list_runs, load_run, predict_logits, train
+
+Precision = Literal["fp32", "bf16"]
 
 __all__ = [
     "Run",
@@ -171,27 +174,36 @@ def explain_images(
     method: str,
     target: int | torch.Tensor | None = None,
     model: torch.nn.Module | None = None,
-    **params: Any,
+    params: Mapping[str, Any] | None = None,
+    precision: Precision = "fp32",
 ) -> torch.Tensor:
     """Attribution maps ``[N, 1, H, W]`` of ``method`` for uint8 images ``[N, H, W, C]`` already at the run's
     size and channels (e.g. from ``decode_image``), normalised as the run's model expects.
 
     ``model``: the run's model by default; a server passes a private copy so that explanation hooks never
     touch the copy answering predictions. ``target``: class index (default: the predicted class).
+    ``params``: the method's parameters (``validate_method_params``); ``precision``: see ``explain``.
     """
     net = run.model if model is None else model
     device = next(net.parameters()).device
     x = to_model_input(images.to(device), run.mean, run.std)
-    return explain(net, x, method, target=target, **params)
+    return explain(net, x, method, target=target, **{"precision": precision, **(params or {})})
 
 
-def _method_list(methods: Sequence[str] | None) -> list[str]:
-    """The chosen methods (default: all); unknown names raise an error suggesting the nearest."""
+def _method_list(
+    methods: Sequence[str] | None, method_params: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The chosen methods (default: all; ``captum:<Name>`` resolved as any other) and their parameters,
+    validated before anything runs: unknown names suggest the nearest, a parameter of a method not chosen is
+    a ConfigError."""
     chosen = list(methods) if methods else list_methods()
     for m in chosen:
-        if not m.startswith("captum:"):
-            METHODS.get(m)
-    return chosen
+        resolve_method(m)
+    params = dict(method_params or {})
+    stray = [m for m in params if m not in chosen]
+    if stray:
+        raise ConfigError(f"method_params for {stray}, which are not among the methods: {', '.join(chosen)}")
+    return chosen, {m: validate_method_params(m, p) for m, p in params.items()}
 
 
 def explain_run(
@@ -203,12 +215,17 @@ def explain_run(
     image_files: Sequence[str | Path] | None = None,
     data_dir: str | None = None,
     batch_size: int = 16,
+    method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    precision: Precision = "fp32",
 ) -> Path:
     """Explain the first ``n`` images of a run's ``split`` (or the user's ``image_files``) with ``methods``
-    (default: all), writing attributions, ``index.csv`` and figures to ``out_dir`` (see ``explain_to_disk``)."""
+    (default: all), writing attributions, ``index.csv`` and figures to ``out_dir`` (see ``explain_to_disk``).
+
+    ``method_params``: method -> its parameters (e.g. ``{"integrated_gradients": {"n_steps": 16,
+    "internal_batch_size": 64}}``), validated up front; ``precision``: see ``explain``."""
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
-    chosen = _method_list(methods)
+    chosen, params = _method_list(methods, method_params)
     run = _as_run(run)
     labels = None
     if image_files:
@@ -229,6 +246,8 @@ def explain_run(
         labels=labels,
         names=names,
         batch_size=batch_size,
+        params=params,
+        precision=precision,
     )
 
 
@@ -243,38 +262,48 @@ def assess_run(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    **params,
+    method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    **metric_params: Any,
 ) -> dict[str, Any]:
     """Score the explanations of a run's predictions on the first ``n`` images of ``split`` by every method
-    in ``methods`` (default: all) and metric in ``metrics`` (default: ``DEFAULT_METRICS`` plus the
-    model-randomisation sanity check), writing tables and figures to ``out_dir`` (see
-    ``xailab.metrics.assess``). ``params`` go to the metrics that take them. Returns the summary."""
+    in ``methods`` (default: all, with ``method_params``: method -> its parameters) and metric in
+    ``metrics`` (default: ``DEFAULT_METRICS`` plus the model-randomisation sanity check), by the one
+    assessment engine (``xailab.metrics.assess``), writing its tables and figures to ``out_dir``
+    (``xailab.report.assessment``). ``metric_params`` go to the metrics that take them. Returns the
+    record's JSON form (what ``scores.json`` holds)."""
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
-    chosen = _method_list(methods)
+    chosen, params = _method_list(methods, method_params)
     run = _as_run(run, device=device)
     images = run_dataset(run, data_dir)[split].images[:n]
     inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
-    return assess_explanations(
+    record = assess(
         run.model,
         inputs,
         None,
         chosen,
-        out_dir,
-        metrics=list(metrics) if metrics else [*DEFAULT_METRICS, "model_randomisation"],
+        list(metrics) if metrics else [*DEFAULT_METRICS, "model_randomisation"],
         model_name=run.name,
+        method_params=params,
+        metric_params=metric_params,
         batch_size=batch_size,
         seed=seed,
-        **params,
     )
+    write_assessment(record, out_dir)
+    return record.to_json()
 
 
 def explain_untrained(
-    model: str, out_dir: str | Path, methods: Sequence[str] | None = None, n: int = 8
+    model: str,
+    out_dir: str | Path,
+    methods: Sequence[str] | None = None,
+    n: int = 8,
+    method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    precision: Precision = "fp32",
 ) -> Path:
     """The quick demo: every method on an untrained ``model`` over ``n`` bundled ``digits`` test images
-    (no run, no download needed)."""
-    chosen = _method_list(methods)
+    (no run, no download needed); ``method_params`` and ``precision`` as for ``explain_run``."""
+    chosen, params = _method_list(methods, method_params)
     ds = load_dataset("digits", image_size=model_input_size(model))
     net = create_model(model, in_channels=1, num_classes=ds.num_classes, **random_init_options(model))
     test = ds["test"]
@@ -288,4 +317,6 @@ def explain_untrained(
         out_dir,
         labels=test.labels[:n],
         names=[f"digit-{i}" for i in range(min(n, len(test)))],
+        params=params,
+        precision=precision,
     )

@@ -1,12 +1,19 @@
 """Explanation quality: faithfulness, robustness, randomisation sanity checks, complexity and agreement,
-batched in torch on the model's device. Importing this package registers every built-in metric.
+batched in torch on the model's device; ``assess`` runs them all into one ``Assessment`` record. Importing
+this package registers every built-in metric.
 
 Not to be confused with ``xailab.train.metrics`` (accuracy, F1, ... of a classifier).
 """
 
-from xailab.metrics import complexity, faithfulness, randomisation, robustness  # noqa: F401  (registers)
-from xailab.metrics import localisation  # noqa: F401  (registers the ground-truth metrics)
+from xailab.metrics import (  # noqa: F401  (registers)
+    complexity,
+    faithfulness,
+    localisation,
+    randomisation,
+    robustness,
+)
 from xailab.metrics.agreement import agreement_matrix, topk_iou
+from xailab.metrics.assessment import Agreement, Assessment, MetricInfo, SanityCurves, ScoreRow, assess
 from xailab.metrics.base import (
     DEFAULT_METRICS,
     METRICS,
@@ -23,9 +30,15 @@ from xailab.metrics.randomisation import RandomisationResult, model_randomisatio
 __all__ = [
     "DEFAULT_METRICS",
     "METRICS",
+    "Agreement",
+    "Assessment",
+    "MetricInfo",
     "MetricSpec",
     "RandomisationResult",
+    "SanityCurves",
+    "ScoreRow",
     "agreement_matrix",
+    "assess",
     "evaluate_explanations",
     "linear_imputation",
     "list_metrics",

@@ -11,14 +11,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import default_batch_size as explain_chunk
-from xailab.explain.base import explain, preserved_state, resolve_target
+from xailab.explain.base import explain, preserved_state, resolve_target, validate_method_params
+from xailab.explain.batching import chunk_size, map_chunks, scores_from_logits
 from xailab.registry import Registry
 
 ExplainFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -66,8 +67,10 @@ def list_metrics() -> list[str]:
     return METRICS.names()
 
 
-def method_explainer(method: str, **method_params) -> ExplainFn:
-    """``explain_fn(model, inputs, targets) -> [B, 1, H, W]`` running ``xailab.explain`` with ``method``."""
+def method_explainer(method: str, /, **method_params: Any) -> ExplainFn:
+    """``explain_fn(model, inputs, targets) -> [B, 1, H, W]`` running ``xailab.explain`` with ``method``
+    (its parameters validated now, before any metric runs)."""
+    method_params = validate_method_params(method, method_params)
 
     def explain_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
         return explain(model, inputs, method, targets, **method_params)
@@ -80,12 +83,9 @@ def chunked_explain(
 ) -> Tensor:
     """``explain_fn`` over ``inputs`` ``[N, C, H, W]`` in chunks of ``batch_size`` images (default:
     ``default_batch_size``): ``[N, 1, H, W]``."""
-    batch_size = batch_size or default_batch_size(inputs, grad=True)
-    return torch.cat(
-        [
-            explain_fn(model, inputs[i : i + batch_size], targets[i : i + batch_size])
-            for i in range(0, inputs.shape[0], batch_size)
-        ]
+    chunk = chunk_size(inputs, batch_size, grad=True, model=model)
+    return map_chunks(
+        lambda idx: explain_fn(model, inputs[idx], targets[idx]), inputs.shape[0], chunk, inputs.device
     )
 
 
@@ -217,54 +217,23 @@ def summarise(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_positive(**values: int | float) -> None:
-    """ConfigError naming the first value that is not positive."""
-    for name, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"{name}={value!r} must be positive")
-
-
-def default_batch_size(inputs: Tensor, grad: bool = False) -> int:
-    """Images per chunk of copies of ``inputs`` ``[B, C, H, W]``: the explanation engine's chunk size for
-    forward passes (``grad=False``) or for re-explaining (``grad=True``), scaled by image size and device."""
-    return explain_chunk(inputs, grad)
-
-
 @torch.no_grad()
 def target_scores(model: nn.Module, inputs: Tensor, targets: Tensor, softmax: bool = False) -> Tensor:
     """The ``targets`` logits (probabilities with ``softmax``) of ``inputs`` ``[B, C, H, W]``: ``[B]``."""
-    out = model(inputs).float()
-    return (out.softmax(1) if softmax else out).gather(1, targets[:, None]).squeeze(1)
+    return scores_from_logits(model(inputs), targets, "softmax" if softmax else "logit")
 
 
-@torch.no_grad()
-def scores_of_copies(
-    model: nn.Module,
-    build: Callable[[Tensor], Tensor],
-    targets: Tensor,
-    total: int,
-    batch_size: int,
-    softmax: bool = False,
-    predicted: bool = False,
-) -> Tensor:
-    """Scores of ``total`` perturbed images built ``batch_size`` at a time: ``build(idx)`` makes the images
-    with flat indices ``idx`` ``[k]`` as ``[k, C, H, W]``; ``targets`` ``[total]`` is the class scored for
-    each. Returns ``[total]`` logits (probabilities with ``softmax``; with ``predicted``, 1.0 where the
-    prediction equals the target, else 0.0); memory stays bounded by ``batch_size`` images."""
-    out = []
-    for start in range(0, total, batch_size):
-        idx = torch.arange(start, min(start + batch_size, total), device=targets.device)
-        logits = model(build(idx)).float()
-        if predicted:
-            out.append((logits.argmax(1) == targets[idx]).float())
-        else:
-            out.append((logits.softmax(1) if softmax else logits).gather(1, targets[idx, None]).squeeze(1))
-    return torch.cat(out)
+def descending_order(values: Tensor) -> Tensor:
+    """Indices of each row of ``values`` (``[B, N]``, or maps ``[B, 1, H, W]`` flattened) from the highest
+    value down: ``[B, N]``.
 
-
-def descending_order(attributions: Tensor) -> Tensor:
-    """Pixel indices of each ``[B, 1, H, W]`` map from the highest value down: ``[B, H * W]`` (stable)."""
-    return torch.sort(attributions.flatten(1), dim=1, descending=True, stable=True).indices
+    Ties are ordered as ``numpy.argsort(-values)`` of the float32 values orders them (numpy's default,
+    unstable introsort), the order of Quantus's pixel flipping and ROAD, so curves equal Quantus's also on
+    maps with ties (a Grad-CAM map's ReLU zeros, flat borders). That order depends on the values only, so it
+    is repeatable; it costs one copy of the maps to the host.
+    """
+    flat = values.flatten(1).detach().float().cpu().numpy()
+    return torch.from_numpy(np.argsort(-flat, axis=1)).to(values.device)
 
 
 def average_ranks(values: Tensor) -> Tensor:
@@ -288,8 +257,3 @@ def pearson(a: Tensor, b: Tensor) -> Tensor:
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of the rows of ``a`` and ``b`` ``[B, N]`` (ties averaged): ``[B]``."""
     return pearson(average_ranks(a.flatten(1)), average_ranks(b.flatten(1)))
-
-
-def seeded(inputs: Tensor, seed: int) -> torch.Generator:
-    """A ``torch.Generator`` on the inputs' device seeded with ``seed``."""
-    return torch.Generator(device=inputs.device).manual_seed(seed)

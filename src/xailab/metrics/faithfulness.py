@@ -1,7 +1,9 @@
 """Faithfulness: does removing what the map calls important change the model's output the most?
 
 Every perturbed copy of every image is built from flat indices with tensor ops and scored in chunks of
-``batch_size`` images (``scores_of_copies``), never one Python iteration per image or perturbation.
+``batch_size`` images (``xailab.explain.batching.score_copies``), never one Python iteration per image or
+perturbation. Removed pixels show a baseline of ``xailab.explain.batching.BASELINES`` (``"black"``, each
+image's minimum, is Quantus's default).
 
 Definitions follow the papers; where Quantus 0.6 differs, the docstring says which one is followed and
 ``tests/test_quality_parity_quantus.py`` compares like with like:
@@ -22,35 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.perturbation import Segments, baseline_images, segment_images
-from xailab.metrics.base import (
+from xailab.explain.batching import (
+    Baseline,
+    baseline_images,
     check_positive,
-    default_batch_size,
-    descending_order,
-    pearson,
-    register_metric,
-    scores_of_copies,
-    seeded,
-    target_scores,
+    chunk_size,
+    score_copies,
+    seeded_generator,
 )
-
-Baseline = Literal["zero", "mean", "blur", "black", "white"] | float
-
-
-def fill_images(inputs: Tensor, baseline: Baseline) -> Tensor:
-    """What removed pixels show, ``[B, C, H, W]``: ``"zero"``, ``"mean"`` (each image's per-channel mean),
-    ``"blur"`` (Gaussian blur of std ``min(H, W) / 16``), ``"black"`` / ``"white"`` (each image's minimum /
-    maximum over all its values, Quantus's default "black") or a constant."""
-    if baseline == "black":
-        return inputs.amin(dim=(1, 2, 3), keepdim=True).expand_as(inputs)
-    if baseline == "white":
-        return inputs.amax(dim=(1, 2, 3), keepdim=True).expand_as(inputs)
-    try:
-        return baseline_images(inputs, baseline)
-    except ConfigError:
-        raise ConfigError(
-            f"baseline={baseline!r} is invalid; valid: 'zero', 'mean', 'blur', 'black', 'white' or a number"
-        ) from None
+from xailab.explain.perturbation import Segments, segment_images
+from xailab.metrics.base import descending_order, pearson, register_metric, target_scores
 
 
 def removal_ranks(
@@ -76,7 +59,7 @@ def removal_ranks(
     sums = torch.zeros(b, n_max, device=flat.device).scatter_add_(1, labels, flat)
     sizes = torch.zeros(b, n_max, device=flat.device).scatter_add_(1, labels, torch.ones_like(flat))
     means = torch.where(sizes > 0, sums / sizes.clamp(min=1), torch.full_like(sums, -float("inf")))
-    order = torch.sort(means, dim=1, descending=True, stable=True).indices
+    order = descending_order(means)
     segment_rank = torch.empty_like(order).scatter_(
         1, order, torch.arange(n_max, device=order.device).expand(b, -1)
     )
@@ -114,7 +97,7 @@ def removal_curve(
     rank, units = removal_ranks(attributions, segments, grid, inputs)
     steps = torch.arange(n_steps + 1, device=inputs.device)
     removed_count = torch.round(steps[None, :] * units[:, None].double() / n_steps).long()  # [B, S+1]
-    fill = fill_images(inputs, baseline)
+    fill = baseline_images(inputs, baseline)
     start, end = (inputs, fill) if mode == "deletion" else (fill, inputs)
     per_image = n_steps + 1
 
@@ -123,11 +106,9 @@ def removal_curve(
         swapped = rank[image] < removed_count[image, idx % per_image][:, None]
         return torch.where(swapped.view(len(idx), 1, *inputs.shape[2:]), end[image], start[image])
 
-    flat_targets = targets.repeat_interleave(per_image)
-    chunk = batch_size or default_batch_size(inputs)
-    return scores_of_copies(model, build, flat_targets, b * per_image, chunk, softmax=softmax).view(
-        b, per_image
-    )
+    chunk = chunk_size(inputs, batch_size, model=model)
+    score = "softmax" if softmax else "logit"
+    return score_copies(model, build, targets.repeat_interleave(per_image), chunk, score).view(b, per_image)
 
 
 @register_metric("deletion_auc", better="lower")
@@ -214,16 +195,16 @@ def pixel_flipping_curve(
     check_positive(pixels_per_step=pixels_per_step)
     n_steps = -(-h * w // pixels_per_step)
     rank, _ = removal_ranks(attributions)
-    fill = fill_images(inputs, baseline)
+    fill = baseline_images(inputs, baseline)
 
     def build(idx: Tensor) -> Tensor:
         image = idx // n_steps
         removed = rank[image] < ((idx % n_steps + 1) * pixels_per_step)[:, None]
         return torch.where(removed.view(len(idx), 1, h, w), fill[image], inputs[image])
 
-    chunk = batch_size or default_batch_size(inputs)
-    flat_targets = targets.repeat_interleave(n_steps)
-    return scores_of_copies(model, build, flat_targets, b * n_steps, chunk, softmax=softmax).view(b, n_steps)
+    chunk = chunk_size(inputs, batch_size, model=model)
+    score = "softmax" if softmax else "logit"
+    return score_copies(model, build, targets.repeat_interleave(n_steps), chunk, score).view(b, n_steps)
 
 
 @register_metric("pixel_flipping", better="lower")
@@ -252,7 +233,7 @@ def random_subsets(inputs: Tensor, n_runs: int, subset_size: int, seed: int) -> 
     b, _, h, w = inputs.shape
     if not 0 < subset_size <= h * w:
         raise ConfigError(f"subset_size={subset_size} must be between 1 and the {h * w} pixels of an image")
-    keys = torch.rand(b, n_runs, h * w, generator=seeded(inputs, seed), device=inputs.device)
+    keys = torch.rand(b, n_runs, h * w, generator=seeded_generator(inputs, seed), device=inputs.device)
     return keys.topk(subset_size, dim=2).indices
 
 
@@ -283,7 +264,7 @@ def faithfulness_correlation(
         subsets = random_subsets(inputs, n_runs, subset_size or min(224, h * w // 2), seed)
     subsets = subsets.to(inputs.device).long()
     n_runs = subsets.shape[1]
-    fill = fill_images(inputs, baseline)
+    fill = baseline_images(inputs, baseline)
 
     def build(idx: Tensor) -> Tensor:
         image = idx // n_runs
@@ -291,11 +272,10 @@ def faithfulness_correlation(
         chosen.scatter_(1, subsets[image, idx % n_runs], True)
         return torch.where(chosen.view(len(idx), 1, h, w), fill[image], inputs[image])
 
-    chunk = batch_size or default_batch_size(inputs)
+    chunk = chunk_size(inputs, batch_size, model=model)
     original = target_scores(model, inputs, targets, softmax)
-    perturbed = scores_of_copies(
-        model, build, targets.repeat_interleave(n_runs), b * n_runs, chunk, softmax=softmax
-    ).view(b, n_runs)
+    score = "softmax" if softmax else "logit"
+    perturbed = score_copies(model, build, targets.repeat_interleave(n_runs), chunk, score).view(b, n_runs)
     flat = attributions.flatten(1).double()
     attribution_sums = flat.gather(1, subsets.flatten(1)).view(b, n_runs, -1).sum(2)
     return pearson(attribution_sums, original[:, None].double() - perturbed.double()).float()
@@ -398,7 +378,7 @@ def road_curve(
     rank, _ = removal_ranks(ranked)
     counts = torch.tensor([int(h * w * p / 100) for p in percentages], device=inputs.device)
     n_p = len(percentages)
-    generator = seeded(inputs, seed)
+    generator = seeded_generator(inputs, seed)
 
     def build(idx: Tensor) -> Tensor:
         image = idx // n_p
@@ -409,12 +389,9 @@ def road_curve(
             filled = torch.where(masks, filled + jitter, filled)
         return filled
 
-    chunk = batch_size or default_batch_size(inputs)
-    flat_targets = targets.repeat_interleave(n_p)
-    out = scores_of_copies(
-        model, build, flat_targets, b * n_p, chunk, softmax=True, predicted=score == "accuracy"
-    )
-    return out.view(b, n_p)
+    chunk = chunk_size(inputs, batch_size, model=model)
+    kind = "predicted" if score == "accuracy" else "softmax"
+    return score_copies(model, build, targets.repeat_interleave(n_p), chunk, kind).view(b, n_p)
 
 
 @register_metric("road", better="lower")
@@ -455,7 +432,7 @@ def patch_perturbations(inputs: Tensor, patch_size: int, baseline: Baseline) -> 
         torch.arange(w, device=inputs.device)[None, :] // patch_size
     )
     removed = patch_of[None] <= torch.arange(ph * pw, device=inputs.device)[:, None, None]  # [P, H, W]
-    fill = fill_images(inputs, baseline)
+    fill = baseline_images(inputs, baseline)
     return torch.where(
         removed[None, :, None], (inputs - fill)[:, None], torch.zeros((), device=inputs.device)
     )
@@ -493,7 +470,7 @@ def infidelity(
             check_positive(n_samples=n_samples)
             shape = (b, n_samples, *inputs.shape[1:])
             perturbations = (
-                torch.randn(shape, generator=seeded(inputs, seed), device=inputs.device) * noise_std
+                torch.randn(shape, generator=seeded_generator(inputs, seed), device=inputs.device) * noise_std
             )
         elif perturbation == "patches":
             perturbations = patch_perturbations(inputs, patch_size, baseline)
@@ -505,9 +482,10 @@ def infidelity(
     def build(idx: Tensor) -> Tensor:
         return inputs[idx // n] - perturbations[idx // n, idx % n]
 
-    chunk = batch_size or default_batch_size(inputs)
+    chunk = chunk_size(inputs, batch_size, model=model)
     original = target_scores(model, inputs, targets, softmax).double()
-    perturbed = scores_of_copies(model, build, targets.repeat_interleave(n), b * n, chunk, softmax=softmax)
+    score = "softmax" if softmax else "logit"
+    perturbed = score_copies(model, build, targets.repeat_interleave(n), chunk, score)
     drops = original[:, None] - perturbed.view(b, n).double()
     explained = (perturbations.double() * attributions.double()[:, None]).flatten(2).sum(2)  # [B, S]
     if normalise:

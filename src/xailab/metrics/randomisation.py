@@ -18,13 +18,13 @@ from torch import Tensor, nn
 
 from xailab.errors import ConfigError
 from xailab.explain.base import preserved_state, resolve_target
+from xailab.explain.batching import seeded_generator
 from xailab.metrics.base import (
     ExplainFn,
     check_attributions,
     chunked_explain,
     method_explainer,
     register_metric,
-    seeded,
     spearman,
 )
 
@@ -209,7 +209,7 @@ def random_off_targets(targets: Tensor, num_classes: int, seed: int) -> Tensor:
     """A uniformly random class other than each target ``[B]``, seeded: ``[B]``."""
     if num_classes < 2:
         raise ConfigError("random_logit needs a model with at least 2 classes")
-    generator = seeded(targets, seed)
+    generator = seeded_generator(targets, seed)
     draw = torch.randint(0, num_classes - 1, targets.shape, generator=generator, device=targets.device)
     return draw + (draw >= targets).long()  # skip the target: the draw indexes the other classes in order
 

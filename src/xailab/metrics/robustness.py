@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.metrics.base import ExplainFn, check_positive, default_batch_size, register_metric, seeded
+from xailab.explain.batching import check_positive, chunk_size, map_chunks, seeded_generator
+from xailab.metrics.base import ExplainFn, register_metric
 
 
 def sensitivities(
@@ -35,16 +36,19 @@ def sensitivities(
     if noise is None:
         check_positive(n_samples=n_samples, radius=radius)
         shape = (b, n_samples, *inputs.shape[1:])
-        noise = (torch.rand(shape, generator=seeded(inputs, seed), device=inputs.device) * 2 - 1) * radius
+        noise = (
+            torch.rand(shape, generator=seeded_generator(inputs, seed), device=inputs.device) * 2 - 1
+        ) * radius
     noise = noise.to(inputs)
     n = noise.shape[1]
-    batch_size = batch_size or default_batch_size(inputs, grad=True)
-    maps = []
-    for start in range(0, b * n, batch_size):  # copies built per chunk: memory bounded by batch_size images
-        idx = torch.arange(start, min(start + batch_size, b * n), device=inputs.device)
+
+    def explain_copies(idx: Tensor) -> Tensor:  # copies built per chunk: memory bounded by batch_size images
         image = idx // n
-        maps.append(explain_fn(model, inputs[image] + noise[image, idx % n], targets[image]))
-    maps = torch.cat(maps)
+        return explain_fn(model, inputs[image] + noise[image, idx % n], targets[image])
+
+    maps = map_chunks(
+        explain_copies, b * n, chunk_size(inputs, batch_size, grad=True, model=model), inputs.device
+    )
     diff = (maps.view(b, n, -1).double() - attributions.flatten(1).double()[:, None]).norm(dim=2)
     return (diff / attributions.flatten(1).double().norm(dim=1, keepdim=True)).float()
 

@@ -1,0 +1,333 @@
+"""The one assessment engine: every method scored by every metric on the same images, with the curves,
+sanity checks and agreement behind the numbers, returned as data (an ``Assessment`` record).
+
+``xailab assess`` (``api.assess_run``) and a study's cells (``study.runner.assess_cell``) both call
+``assess``; the tables and figures are drawn from the record by ``xailab.report.assessment``. The record is
+frozen dataclasses with a versioned JSON form (``Assessment.to_json`` / ``Assessment.from_json``, what
+``scores.json`` holds); the maps themselves travel with it as tensors, outside the JSON.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xailab.errors import ConfigError
+from xailab.explain.base import preserved_state, resolve_target
+from xailab.metrics.agreement import agreement_matrix
+from xailab.metrics.base import (
+    DEFAULT_METRICS,
+    METRICS,
+    Direction,
+    check_request,
+    chunked_explain,
+    method_explainer,
+    score_explanations,
+    summarise,
+)
+from xailab.metrics.faithfulness import removal_curve, trapezoid
+from xailab.metrics.randomisation import RandomisationResult, model_randomisation
+
+ASSESSMENT_VERSION = 1
+CURVE_METRICS = {"deletion_auc": "deletion", "insertion_auc": "insertion"}  # computed from their curves
+RANDOMISATION_SEED = 42  # model_randomisation's default seed (Quantus's MPRT)
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    """One (model, method, metric): the mean of the per-image scores, its seeded 95% bootstrap interval,
+    the number of finite scores and whether ``higher`` or ``lower`` is better."""
+
+    model: str
+    method: str
+    metric: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int
+    better: Direction
+
+
+@dataclass(frozen=True)
+class SanityCurves:
+    """Adebayo et al.'s cascading randomisation of ``method`` on ``images`` images: the randomised layers in
+    order and the mean Spearman and SSIM between the original and the randomised maps after each."""
+
+    method: str
+    images: int
+    layers: tuple[str, ...]
+    mean_spearman: tuple[float, ...]
+    mean_ssim: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Mean Spearman correlation and top-``k_fraction`` IoU between every pair of methods' maps."""
+
+    methods: tuple[str, ...]
+    spearman: tuple[tuple[float, ...], ...]
+    topk_iou: tuple[tuple[float, ...], ...]
+    k_fraction: float
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """Whether ``higher`` or ``lower`` is better, and the first sentence of the metric's docstring."""
+
+    better: Direction
+    description: str
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything an assessment found (see the module docstring).
+
+    ``per_image``: method -> metric -> one score per image; ``curves``: method -> ``deletion`` /
+    ``insertion`` -> the mean curve; ``sanity``: method -> its randomisation curves; ``seconds_per_image``:
+    method -> explanation time. ``maps`` (method -> ``[N, 1, H, W]``) and ``sanity_maps`` (method ->
+    ``[L + 1, E, 1, H, W]``: the first ``E`` images' maps originally and after each randomised layer) are
+    CPU tensors, not part of the JSON form.
+    """
+
+    model: str
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    scores: tuple[ScoreRow, ...]
+    per_image: Mapping[str, Mapping[str, tuple[float, ...]]]
+    curves: Mapping[str, Mapping[str, tuple[float, ...]]]
+    sanity: Mapping[str, SanityCurves]
+    agreement: Agreement | None
+    metric_info: Mapping[str, MetricInfo]
+    seconds_per_image: Mapping[str, float]
+    seed: int
+    version: int = ASSESSMENT_VERSION
+    maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+    sanity_maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def quality(self) -> dict[str, dict[str, dict[str, float]]]:
+        """method -> metric -> ``{"mean", "ci_low", "ci_high", "n"}`` (methods with scores only)."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for row in self.scores:
+            out.setdefault(row.method, {})[row.metric] = {
+                "mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high, "n": row.n
+            }  # fmt: skip
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form (``scores.json``): every field but the tensors, tuples as lists."""
+        return {
+            "version": self.version,
+            "model": self.model,
+            "methods": list(self.methods),
+            "metrics": list(self.metrics),
+            "seed": self.seed,
+            "scores": [vars(row) for row in self.scores],
+            "per_image": {m: {k: list(v) for k, v in s.items()} for m, s in self.per_image.items()},
+            "curves": {m: {k: list(v) for k, v in c.items()} for m, c in self.curves.items()},
+            "sanity_check": {m: _sanity_json(s) for m, s in self.sanity.items()},
+            "agreement": None
+            if self.agreement is None
+            else {
+                "methods": list(self.agreement.methods),
+                "spearman": [list(r) for r in self.agreement.spearman],
+                "topk_iou": [list(r) for r in self.agreement.topk_iou],
+                "k_fraction": self.agreement.k_fraction,
+            },
+            "metric_info": {m: vars(i) for m, i in self.metric_info.items()},
+            "seconds_per_image": dict(self.seconds_per_image),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Assessment:
+        """The record back from ``to_json``'s form; another version raises ConfigError."""
+        if data.get("version") != ASSESSMENT_VERSION:
+            raise ConfigError(
+                f"assessment record version {data.get('version')!r} is not {ASSESSMENT_VERSION}; "
+                "assess again with this version of xailab"
+            )
+        agreement = data.get("agreement")
+        return cls(
+            model=data["model"],
+            methods=tuple(data["methods"]),
+            metrics=tuple(data["metrics"]),
+            scores=tuple(ScoreRow(**row) for row in data["scores"]),
+            per_image={m: {k: tuple(v) for k, v in s.items()} for m, s in data["per_image"].items()},
+            curves={m: {k: tuple(v) for k, v in c.items()} for m, c in data["curves"].items()},
+            sanity={
+                m: SanityCurves(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+                for m, s in data["sanity_check"].items()
+            },
+            agreement=None
+            if agreement is None
+            else Agreement(
+                tuple(agreement["methods"]),
+                tuple(tuple(r) for r in agreement["spearman"]),
+                tuple(tuple(r) for r in agreement["topk_iou"]),
+                agreement["k_fraction"],
+            ),
+            metric_info={m: MetricInfo(**i) for m, i in data["metric_info"].items()},
+            seconds_per_image=dict(data["seconds_per_image"]),
+            seed=data["seed"],
+        )
+
+
+def _sanity_json(s: SanityCurves) -> dict[str, Any]:
+    return {
+        "method": s.method,
+        "images": s.images,
+        "layers": list(s.layers),
+        "mean_spearman": list(s.mean_spearman),
+        "mean_ssim": list(s.mean_ssim),
+    }
+
+
+def first_sentence(fn: Any) -> str:
+    """The first sentence of ``fn``'s docstring, on one line and without reStructuredText backticks."""
+    paragraph = (fn.__doc__ or "").strip().split("\n\n")[0]
+    text = " ".join(line.strip() for line in paragraph.splitlines()).replace("``", "")
+    end = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.(\s|$)", text)  # "Petsiuk et al. 2018" is no sentence end
+    return text if end is None else text[: end.start() + 1]
+
+
+def _curve_params(mode: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``removal_curve`` arguments for ``mode`` out of the metric parameters."""
+    keys = ("n_steps", "segments", "grid", "softmax", "batch_size")
+    chosen = {k: params[k] for k in keys if k in params}
+    baseline_key = "baseline" if mode == "deletion" else "insertion_baseline"
+    chosen["baseline"] = params.get(baseline_key, "zero" if mode == "deletion" else "blur")
+    return chosen
+
+
+def _sanity_curves(method: str, result: RandomisationResult) -> SanityCurves:
+    return SanityCurves(
+        method,
+        int(result.spearman.shape[1]),
+        tuple(result.layers),
+        tuple(result.mean_spearman.tolist()),
+        tuple(result.mean_ssim.tolist()),
+    )
+
+
+def assess(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | int | None,
+    methods: Sequence[str],
+    metrics: Sequence[str] = (*DEFAULT_METRICS, "model_randomisation"),
+    *,
+    model_name: str = "model",
+    method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    metric_params: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    sanity_methods: Sequence[str] | None = None,
+    sanity_images: int | None = None,
+    sanity_seed: int = RANDOMISATION_SEED,
+    n_examples: int = 4,
+    agreement: bool | None = None,
+) -> Assessment:
+    """Assess ``methods`` on ``inputs`` ``[N, C, H, W]`` (normalised as the model expects) for ``targets``
+    ``[N]`` (None: the predicted classes) by ``metrics``; the record of what was found.
+
+    ``method_params``: method -> its parameters (validated before anything runs); ``metric_params`` go to
+    every metric that takes them (a name no chosen metric takes is a ConfigError). Maps are explained
+    ``batch_size`` images at a time. ``deletion_auc`` / ``insertion_auc`` keep their mean curves.
+    ``sanity_methods`` get the cascading randomisation check on the first ``sanity_images`` images (default:
+    every method on every image when ``model_randomisation`` is a metric, whose scores then come from the
+    same run), seeded with ``sanity_seed``, keeping ``n_examples`` images' maps. ``agreement`` between the
+    methods' maps is computed when True (None: with two methods or more).
+    """
+    method_params = dict(method_params or {})
+    metric_params = dict(metric_params or {})
+    explainers = {m: method_explainer(m, **method_params.get(m, {})) for m in methods}
+    check_request(metrics, metric_params, can_explain=True)
+    if sanity_methods is None:
+        sanity_methods = list(methods) if "model_randomisation" in metrics else []
+    device = next(model.parameters()).device
+    inputs = inputs.to(device=device, dtype=torch.float32)
+    with preserved_state(model):
+        target_t = resolve_target(model, inputs, targets)
+    k = inputs.shape[0] if sanity_images is None else min(sanity_images, inputs.shape[0])
+    other = [m for m in metrics if m not in CURVE_METRICS]
+    maps: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    per_image: dict[str, dict[str, tuple[float, ...]]] = {}
+    curves: dict[str, dict[str, tuple[float, ...]]] = {}
+    sanity: dict[str, SanityCurves] = {}
+    sanity_maps: dict[str, Tensor] = {}
+    for method in methods:
+        explain_fn = explainers[method]
+        start = time.perf_counter()
+        with preserved_state(model):
+            attributions = chunked_explain(explain_fn, model, inputs, target_t, batch_size)
+        seconds[method] = (time.perf_counter() - start) / inputs.shape[0]
+        maps[method] = attributions.cpu()
+        scores: dict[str, Tensor] = {}
+        curves[method] = {}
+        for name, mode in CURVE_METRICS.items():
+            if name in metrics:
+                with preserved_state(model):
+                    curve = removal_curve(
+                        model, inputs, target_t, attributions, mode, **_curve_params(mode, metric_params)
+                    )
+                scores[name] = trapezoid(curve, 1.0 / (curve.shape[1] - 1)).float().cpu()
+                curves[method][mode] = tuple(curve.mean(0).tolist())
+        if method in sanity_methods:
+            result = model_randomisation(
+                model, inputs[:k], target_t[:k], explain_fn=explain_fn, attributions=attributions[:k],
+                order=metric_params.get("order", "top_down"), batch_size=batch_size,
+                n_examples=n_examples, seed=sanity_seed,
+            )  # fmt: skip
+            sanity[method], sanity_maps[method] = _sanity_curves(method, result), result.maps
+            if k == inputs.shape[0] and sanity_seed == RANDOMISATION_SEED:  # the metric's own run
+                scores["model_randomisation"] = result.spearman.nanmean(0)
+        rest = [m for m in other if m not in scores]
+        if rest:
+            kwargs = {p: v for p, v in metric_params.items() if any(METRICS.get(m).accepts(p) for m in rest)}
+            with preserved_state(model):
+                scores.update(
+                    score_explanations(
+                        model, inputs, target_t, attributions, rest, explain_fn, seed, **kwargs
+                    )
+                )
+        per_image[method] = {m: tuple(scores[m].tolist()) for m in metrics}
+    rows = tuple(
+        ScoreRow(model_name, method, metric, **stats, better=METRICS.get(metric).better)
+        for method in methods
+        for metric, stats in summarise(
+            {m: torch.tensor(v) for m, v in per_image[method].items()}, seed=seed
+        ).items()
+    )
+    return Assessment(
+        model=model_name,
+        methods=tuple(methods),
+        metrics=tuple(metrics),
+        scores=rows,
+        per_image=per_image,
+        curves=curves,
+        sanity=sanity,
+        agreement=_agreement(maps) if (len(maps) > 1 if agreement is None else agreement) else None,
+        metric_info={
+            m: MetricInfo(METRICS.get(m).better, first_sentence(METRICS.get(m).fn)) for m in metrics
+        },
+        seconds_per_image=seconds,
+        seed=seed,
+        maps=maps,
+        sanity_maps=sanity_maps,
+    )
+
+
+def _agreement(maps: Mapping[str, Tensor]) -> Agreement:
+    found = agreement_matrix(maps)
+    return Agreement(
+        tuple(found["methods"]),
+        tuple(tuple(r) for r in found["spearman"].tolist()),
+        tuple(tuple(r) for r in found["topk_iou"].tolist()),
+        found["k_fraction"],
+    )

@@ -1,0 +1,183 @@
+"""Tables and figures of one assessment, drawn from its record (``xailab.metrics.assessment.Assessment``).
+
+``write_assessment(record, out_dir)`` writes what ``xailab assess`` leaves in its folder:
+
+- ``scores.csv`` / ``scores.json``: per (model, method, metric) the mean, 95% bootstrap CI, number of images
+  and whether higher or lower is better; ``scores.json`` is the whole record (``Assessment.to_json``): also
+  the per-image scores, the sanity-check curves per layer, the mean deletion/insertion curves and the
+  agreement matrix;
+- ``per_image.csv``: every image's score for every method and metric;
+- ``deletion_insertion.png``, ``sanity_check.png`` (Spearman and SSIM per randomised layer),
+  ``sanity_maps_<method>.png`` (the example images' maps after each randomisation stage) and
+  ``agreement.png`` (Spearman and top-k IoU between methods).
+
+``sanity_overlay_figure`` is a study cell's ``sanity.png``. Figures are ``matplotlib.figure.Figure`` objects
+without pyplot, as ``xailab.explain.figures``. Maps and images are the record's CPU tensors (this layer never
+imports torch itself).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from xailab.explain.figures import normalise_map, overlay, save_figure
+from xailab.io import write_json, write_text
+from xailab.metrics.assessment import Agreement, Assessment, SanityCurves
+
+SCORE_FIELDS = ("model", "method", "metric", "mean", "ci_low", "ci_high", "n", "better")
+
+
+def scores_csv(record: Assessment) -> str:
+    """``scores.csv``: one row per (model, method, metric), floats with 6 significant digits."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SCORE_FIELDS)
+    writer.writeheader()
+    for row in record.scores:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in vars(row).items()})
+    return buf.getvalue()
+
+
+def per_image_csv(record: Assessment) -> str:
+    """``per_image.csv``: one row per (method, image) with every metric's score (sorted by metric name)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    metric_names = sorted({m for scores in record.per_image.values() for m in scores})
+    writer.writerow(["model", "method", "image", *metric_names])
+    for method, scores in record.per_image.items():
+        n = len(next(iter(scores.values()))) if scores else 0
+        for i in range(n):
+            values = [f"{float(scores[m][i]):.6g}" if m in scores else "" for m in metric_names]
+            writer.writerow([record.model, method, i, *values])
+    return buf.getvalue()
+
+
+def write_assessment(record: Assessment, out_dir: str | Path) -> Path:
+    """The tables and figures of the module docstring in ``out_dir`` (atomic writes; figures only for the
+    data the record has)."""
+    out = Path(out_dir)
+    write_text(out / "scores.csv", scores_csv(record))
+    write_json(out / "scores.json", record.to_json())
+    write_text(out / "per_image.csv", per_image_csv(record))
+    if any(record.curves.values()):
+        save_figure(curves_figure(record.curves), out / "deletion_insertion.png")
+    if record.sanity:
+        save_figure(sanity_figure(record.sanity), out / "sanity_check.png")
+        for method, maps in record.sanity_maps.items():
+            if maps.shape[1] > 0:
+                figure = sanity_maps_figure(method, maps, record.sanity[method].layers)
+                save_figure(figure, out / f"sanity_maps_{method.replace(':', '_')}.png")
+    if record.agreement is not None:
+        save_figure(agreement_figure(record.agreement), out / "agreement.png")
+    return out
+
+
+def curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
+    """Mean deletion and insertion curves of every method (target probability vs fraction of pixels)."""
+    modes = [m for m in ("deletion", "insertion") if any(m in c for c in curves.values())]
+    fig = Figure(figsize=(5.0 * max(1, len(modes)), 3.6))
+    axes = fig.subplots(1, max(1, len(modes)), squeeze=False)[0]
+    for ax, mode in zip(axes, modes, strict=False):
+        for method, by_mode in curves.items():
+            if mode in by_mode:
+                y = np.asarray(by_mode[mode])
+                ax.plot(np.linspace(0, 1, len(y)), y, label=method)
+        ax.set_xlabel(f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'}")
+        ax.set_ylabel("target score")
+        ax.set_title(f"{mode} (mean over images)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_figure(sanity: Mapping[str, SanityCurves]) -> Figure:
+    """Mean Spearman and SSIM between original and randomised maps after each layer, per method."""
+    fig = Figure(figsize=(11.0, 4.0))
+    axes = fig.subplots(1, 2)
+    for ax, key in zip(axes, ("mean_spearman", "mean_ssim"), strict=True):
+        lowest = -0.2
+        for method, curves in sanity.items():
+            values = [1.0, *getattr(curves, key)]
+            ax.plot(range(len(values)), values, marker="o", label=method)
+            lowest = min(lowest, min(values) - 0.05)
+        names = ["original", *next(iter(sanity.values())).layers]
+        step = -(-len(names) // 24)  # deep models (resnet18: 41 layers) get every k-th name, readable
+        ax.set_xticks(range(len(names)), [n if i % step == 0 else "" for i, n in enumerate(names)])
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.set_ylim(lowest, 1.05)  # anti-correlated maps (below -0.2) must stay visible
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_ylabel("Spearman (|maps|)" if key == "mean_spearman" else "SSIM")
+        ax.set_title("cascading randomisation, top layer first", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_maps_figure(method: str, maps: Any, layers: Sequence[str]) -> Figure:
+    """The example images' maps (rows) originally and after each randomisation stage (columns) of ``maps``
+    ``[L + 1, E, 1, H, W]``, tiled into one image (one axes instead of one per map keeps drawing fast for
+    deep models)."""
+    stages, n = maps.shape[:2]
+    h, w = maps.shape[-2:]
+    gap = max(1, h // 8)
+    tiles = np.full((n * (h + gap) - gap, stages * (w + gap) - gap), np.nan)
+    for i in range(n):
+        for j in range(stages):
+            tiles[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = normalise_map(
+                maps[j, i]
+            ).numpy()
+    fig = Figure(figsize=(min(18.0, 0.9 * stages + 1.0), 0.9 * max(1, n) + 1.4))
+    ax = fig.subplots()
+    ax.imshow(np.ma.masked_invalid(tiles), cmap="jet", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([j * (w + gap) + w / 2 for j in range(stages)], ["original", *layers], rotation=60)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_yticks([])
+    ax.set_title(f"{method}: maps as layers are randomised (top layer first)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_overlay_figure(
+    image: Any, maps: Any, layers: Sequence[str], method: str, columns: int = 8
+) -> Figure:
+    """The cascading randomisation of one image ``[H, W, C]``: the trained model's map, then the maps after
+    layers from the output down are re-initialised (``maps`` ``[L + 1, 1, H, W]``), at most ``columns``
+    panels spread evenly over the cascade (always ending with every layer random)."""
+    stages = np.unique(np.linspace(0, maps.shape[0] - 1, min(columns, maps.shape[0])).round().astype(int))
+    fig = Figure(figsize=(1.45 * len(stages), 2.0))
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    for ax, j in zip(axes, stages, strict=True):
+        ax.imshow(overlay(image, maps[j]), interpolation="nearest")
+        title = "trained" if j == 0 else f"{j} layers random\n(to {layers[j - 1]})"
+        ax.set_title(title if len(title) < 40 else title[:38] + "…", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{method} as the layers are randomised from the output down", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def agreement_figure(agreement: Agreement) -> Figure:
+    """Heatmaps of the Spearman correlation and top-k IoU between methods."""
+    names = list(agreement.methods)
+    fig = Figure(figsize=(4.5 + 0.5 * len(names), 2.6 + 0.25 * len(names)))
+    axes = fig.subplots(1, 2)
+    for ax, key in zip(axes, ("spearman", "topk_iou"), strict=True):
+        matrix = np.asarray(getattr(agreement, key), dtype=float)
+        im = ax.imshow(matrix, vmin=-1 if key == "spearman" else 0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+        title = "Spearman (|maps|)" if key == "spearman" else f"top-{agreement.k_fraction:.0%} IoU"
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
