@@ -9,6 +9,8 @@ frozen dataclasses with a versioned JSON form (``Assessment.to_json`` / ``Assess
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xailab.config import from_dict
 from xailab.errors import ConfigError
 from xailab.explain.base import preserved_state, resolve_target
 from xailab.metrics.agreement import agreement_matrix
@@ -99,12 +102,12 @@ class Assessment:
     methods: tuple[str, ...]
     metrics: tuple[str, ...]
     scores: tuple[ScoreRow, ...]
-    per_image: Mapping[str, Mapping[str, tuple[float, ...]]]
-    curves: Mapping[str, Mapping[str, tuple[float, ...]]]
-    sanity: Mapping[str, SanityCurves]
+    per_image: dict[str, dict[str, tuple[float, ...]]]
+    curves: dict[str, dict[str, tuple[float, ...]]]
+    sanity: dict[str, SanityCurves]
     agreement: Agreement | None
-    metric_info: Mapping[str, MetricInfo]
-    seconds_per_image: Mapping[str, float]
+    metric_info: dict[str, MetricInfo]
+    seconds_per_image: dict[str, float]
     seed: int
     version: int = ASSESSMENT_VERSION
     maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
@@ -121,70 +124,21 @@ class Assessment:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form (``scores.json``): every field but the tensors, tuples as lists."""
-        return {
-            "version": self.version,
-            "model": self.model,
-            "methods": list(self.methods),
-            "metrics": list(self.metrics),
-            "seed": self.seed,
-            "scores": [vars(row) for row in self.scores],
-            "per_image": {m: {k: list(v) for k, v in s.items()} for m, s in self.per_image.items()},
-            "curves": {m: {k: list(v) for k, v in c.items()} for m, c in self.curves.items()},
-            "sanity_check": {m: _sanity_json(s) for m, s in self.sanity.items()},
-            "agreement": None
-            if self.agreement is None
-            else {
-                "methods": list(self.agreement.methods),
-                "spearman": [list(r) for r in self.agreement.spearman],
-                "topk_iou": [list(r) for r in self.agreement.topk_iou],
-                "k_fraction": self.agreement.k_fraction,
-            },
-            "metric_info": {m: vars(i) for m, i in self.metric_info.items()},
-            "seconds_per_image": dict(self.seconds_per_image),
-        }
+        data = dataclasses.asdict(dataclasses.replace(self, maps={}, sanity_maps={}))
+        del data["maps"], data["sanity_maps"]
+        data["sanity_check"] = data.pop("sanity")  # the key's name in scores.json before the record existed
+        return json.loads(json.dumps(data))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Assessment:
-        """The record back from ``to_json``'s form; another version raises ConfigError."""
+        """The record back from ``to_json``'s form, every field checked; another version raises ConfigError."""
         if data.get("version") != ASSESSMENT_VERSION:
             raise ConfigError(
                 f"assessment record version {data.get('version')!r} is not {ASSESSMENT_VERSION}; "
                 "assess again with this version of xailab"
             )
-        agreement = data.get("agreement")
-        return cls(
-            model=data["model"],
-            methods=tuple(data["methods"]),
-            metrics=tuple(data["metrics"]),
-            scores=tuple(ScoreRow(**row) for row in data["scores"]),
-            per_image={m: {k: tuple(v) for k, v in s.items()} for m, s in data["per_image"].items()},
-            curves={m: {k: tuple(v) for k, v in c.items()} for m, c in data["curves"].items()},
-            sanity={
-                m: SanityCurves(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                for m, s in data["sanity_check"].items()
-            },
-            agreement=None
-            if agreement is None
-            else Agreement(
-                tuple(agreement["methods"]),
-                tuple(tuple(r) for r in agreement["spearman"]),
-                tuple(tuple(r) for r in agreement["topk_iou"]),
-                agreement["k_fraction"],
-            ),
-            metric_info={m: MetricInfo(**i) for m, i in data["metric_info"].items()},
-            seconds_per_image=dict(data["seconds_per_image"]),
-            seed=data["seed"],
-        )
-
-
-def _sanity_json(s: SanityCurves) -> dict[str, Any]:
-    return {
-        "method": s.method,
-        "images": s.images,
-        "layers": list(s.layers),
-        "mean_spearman": list(s.mean_spearman),
-        "mean_ssim": list(s.mean_ssim),
-    }
+        fields = {("sanity" if k == "sanity_check" else k): v for k, v in data.items()}
+        return from_dict(cls, fields, where="assessment record")
 
 
 def first_sentence(fn: Any) -> str:
