@@ -4,6 +4,8 @@ gradients concentrate on it, and the bundled ``shortcut`` study kind runs end to
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -169,3 +171,92 @@ def test_a_model_trained_on_a_fully_correlated_marker_relies_on_it():
     maps = explain(model, xm, "saliency", target=test.labels[idx])
     mass = relevance_mass_accuracy(model, xm, None, maps, mask=test.masks[idx])
     assert float(mass.mean()) > 5 * 9 / 144
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The study kind "shortcut", end to end on a tiny setting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_shortcut_spec(**changes) -> dict:
+    """Two keras_cnn trainings (shortcut + control) on 256 16x16 digits, a tag planted into the 3s."""
+    spec = {
+        "name": "tiny-shortcut",
+        "kind": "shortcut",
+        "datasets": ["shortcut"],
+        "dataset_options": {"shortcut": {"base": "digits", "classes": ["3"], "marker": "tag", "size": 5}},
+        "models": ["keras_cnn"],
+        "model_options": {"keras_cnn": {"image_size": 16}},
+        "train": {"epochs": 2, "batch_size": 64, "image_size": 16, "train_limit": 256, "lr": 0.003,
+                  "precision": "fp32", "deterministic": True},
+        "methods": ["saliency", "gradcam"],
+        "metrics": ["sparseness"],
+        "n_explain": 4,
+        "n_gallery": 2,
+        "n_misclassified": 0,
+        "sanity_method": "gradcam",
+        "sanity_images": 1,
+    }  # fmt: skip
+    spec.update(changes)
+    return spec
+
+
+def test_the_shortcut_study_trains_both_models_scores_the_marker_and_reports_it(tmp_path):
+    from xailab.metrics.localisation import LOCALISATION_METRICS
+    from xailab.study import run_study, spec_from_dict
+
+    spec = spec_from_dict(tiny_shortcut_spec())
+    report = run_study(spec, out=tmp_path, progress=False)
+    cell = tmp_path / "tiny-shortcut" / "keras_cnn__shortcut"
+    record = json.loads((cell / "record.json").read_text())
+    section = record["shortcut"]
+    control = json.loads((cell / "control" / "config.json").read_text())
+    assert control["train"]["dataset_options"]["strength"] == 0.0  # the control: nothing planted
+    assert section["classes"] == ["3"] and section["n_marked"] == 4 and section["marker_pixels"] == 8
+    for model in ("shortcut", "control"):
+        assert set(section["reliance"][model]) == {"present", "removed", "moved"}
+        for method in ("saliency", "gradcam"):
+            scores = section["localisation"][model][method]
+            assert set(scores) == set(LOCALISATION_METRICS)
+            assert all(s["n"] == 4 and 0 <= s["mean"] <= 1 for s in scores.values())
+        assert (cell / section["gallery"][model][0]["maps"]["gradcam"]).is_file()
+    assert set(section["difference"]["saliency"]) == {"mass_shift", "spearman"}
+    # The shortcut model follows the marker: moved onto other digits, it pulls them to "3"; the control not.
+    moved = {m: section["reliance"][m]["moved"]["to_marked_class"] for m in ("shortcut", "control")}
+    assert moved["shortcut"] > moved["control"] + 0.2
+    # The usual assessment speaks about the marked images (all of class 3).
+    assert all(row["label"] == "3" for row in record["gallery"])
+    html = report.read_text()
+    for text in (
+        "Which explanation finds the shortcut?",
+        "Which explanation to trust",
+        "relevance_rank_accuracy",
+    ):
+        assert text in html
+    again = run_study(spec, out=tmp_path, progress=False)
+    assert (
+        again == report and json.loads((cell / "record.json").read_text())["cell_key"] == record["cell_key"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"datasets": ["digits"], "dataset_options": {}}, r"datasets: \[shortcut\]"),
+        ({"dataset_options": {"shortcut": {"classes": ["3"]}}}, "base"),
+        (
+            {"dataset_options": {"shortcut": {"base": "digits", "classes": ["3"], "strength": 0}}},
+            "nothing to find",
+        ),
+        (
+            {"dataset_options": {"shortcut": {"base": "digits", "classes": ["3"], "sise": 5}}},
+            "Did you mean 'size'",
+        ),
+        ({"kind": "shortcuts"}, "shortcut"),
+    ],
+)
+def test_bad_shortcut_study_specs_name_the_key(changes, expected):
+    from xailab.study import spec_from_dict
+
+    with pytest.raises(ConfigError, match=expected):
+        spec_from_dict(tiny_shortcut_spec(**changes))

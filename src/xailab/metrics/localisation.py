@@ -106,7 +106,11 @@ def dilate(mask: Tensor, radius: float) -> Tensor:
     return torch.nn.functional.conv2d(mask.float(), disk, padding=r) > 0
 
 
-@register_metric("pointing_game", better="higher")
+@register_metric(
+    "pointing_game",
+    better="higher",
+    description="Pointing game (Zhang et al. 2018): whether the map's maximum lies in the mask, grown by a tolerance.",
+)
 def pointing_game(
     model: nn.Module,
     inputs: Tensor,
@@ -131,7 +135,11 @@ def pointing_game(
     return ((top & m).sum(1).double() / top.sum(1).double()).float()
 
 
-@register_metric("attribution_localisation", better="higher")
+@register_metric(
+    "attribution_localisation",
+    better="higher",
+    description="Attribution localisation (Kohlbrenner et al. 2020): the share of the positive relevance inside the mask.",
+)
 def attribution_localisation(
     model: nn.Module,
     inputs: Tensor,
@@ -156,7 +164,11 @@ def attribution_localisation(
     return mu.float()
 
 
-@register_metric("relevance_mass_accuracy", better="higher")
+@register_metric(
+    "relevance_mass_accuracy",
+    better="higher",
+    description="Relevance mass accuracy (Arras et al. 2022): the relevance inside the mask over the whole image's.",
+)
 def relevance_mass_accuracy(
     model: nn.Module,
     inputs: Tensor,
@@ -177,7 +189,11 @@ def relevance_mass_accuracy(
     return _ratio((a * m).sum(1), a.sum(1)).float()
 
 
-@register_metric("relevance_rank_accuracy", better="higher")
+@register_metric(
+    "relevance_rank_accuracy",
+    better="higher",
+    description="Relevance rank accuracy (Arras et al. 2022): the share of the K top-ranked pixels inside the mask of K pixels.",
+)
 def relevance_rank_accuracy(
     model: nn.Module,
     inputs: Tensor,
@@ -210,7 +226,11 @@ def top_k_count(k: int | float, pixels: int) -> int:
     return int(k) if isinstance(k, int) else max(1, round(k * pixels))
 
 
-@register_metric("top_k_intersection", better="higher")
+@register_metric(
+    "top_k_intersection",
+    better="higher",
+    description="Top-k intersection (Theiner et al. 2021): the share of the map's k highest pixels inside the mask.",
+)
 def top_k_intersection(
     model: nn.Module,
     inputs: Tensor,
@@ -234,7 +254,11 @@ def top_k_intersection(
     return score.float()
 
 
-@register_metric("localisation_auc", better="higher")
+@register_metric(
+    "localisation_auc",
+    better="higher",
+    description="AUC: the chance that a random mask pixel outranks a random pixel outside the mask (ROC area).",
+)
 def localisation_auc(
     model: nn.Module,
     inputs: Tensor,
@@ -254,7 +278,11 @@ def localisation_auc(
     return _ratio(u, p * n).float()
 
 
-@register_metric("focus", better="higher")
+@register_metric(
+    "focus",
+    better="higher",
+    description="Focus (Arias-Duart et al. 2022): the share of the positive relevance on the target class's quadrants of a 2x2 mosaic.",
+)
 def focus(
     model: nn.Module,
     inputs: Tensor,

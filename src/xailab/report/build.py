@@ -22,6 +22,7 @@ from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
 from xailab.records import CellRecord, read_cell_record
 from xailab.report import charts
+from xailab.report.shortcut import report_context as ground_truth_context
 
 Record = CellRecord
 SECTIONS = (
@@ -34,8 +35,10 @@ SECTIONS = (
     ("quality", "Explanation quality"),
     ("agreement", "Agreement between methods"),
     ("sanity", "Sanity checks"),
+    ("trust", "Which explanation to trust"),
     ("environment", "Environment and command"),
 )
+SHORTCUT_SECTION = ("shortcut", "Which explanation finds the shortcut?")  # before "environment" in the page
 RESULT_COLUMNS = (
     ("model", "model"),
     ("options", "options"),
@@ -225,12 +228,14 @@ def build_report(study_dir: str | Path) -> Path:
     if sanity:
         figures["sanity"] = "report_files/" + charts.save(charts.sanity_curves(flat), files / "sanity.png")
 
+    truth = ground_truth_context(flat, files, metrics, info, SANITY_THRESHOLD)  # report/shortcut.py
     context = {
         "study": study,
         "spec": spec,
         "records": flat,
         "groups": flat_groups,
-        "sections": SECTIONS,
+        "sections": (*SECTIONS[:-1], SHORTCUT_SECTION, SECTIONS[-1]) if truth["shortcut"] else SECTIONS,
+        **truth,
         "columns": RESULT_COLUMNS,
         "rows": [{k: fmt(k, v) for k, v in row.items()} for row in rows],
         "figures": figures,

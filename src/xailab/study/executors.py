@@ -1,6 +1,7 @@
 """Executors run a study's cells: ``local`` one after another in this process, ``ray`` as Ray tasks (one GPU
-per cell where the cluster has GPUs). Both call ``run_cell`` on the same ``CellTask``s, so the records are
-the same; ``on_result`` is called in this process as each cell finishes (progress, tracking)."""
+per cell where the cluster has GPUs). Both call ``run_task`` (``run_cell``, or the runner of the study's
+kind) on the same ``CellTask``s, so the records are the same; ``on_result`` is called in this process as
+each cell finishes (progress, tracking)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 from xailab.registry import Registry
-from xailab.study.runner import CellTask, run_cell
+from xailab.study.kinds import run_task
+from xailab.study.runner import CellTask
 
 OnResult = Callable[[dict[str, Any]], None]
 EXECUTORS: Registry = Registry("executor")
@@ -20,7 +22,7 @@ def run_local(tasks: Sequence[CellTask], on_result: OnResult, address: str | Non
     """Run the cells one after another in this process (``address`` is not used)."""
     records = []
     for task in tasks:
-        record = run_cell(task)
+        record = run_task(task)
         on_result(record)
         records.append(record)
     return records
@@ -42,7 +44,7 @@ def run_ray(tasks: Sequence[CellTask], on_result: OnResult, address: str | None 
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(run_cell)
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(run_task)
         refs = {remote.remote(_without_progress(task)): i for i, task in enumerate(tasks)}
         records: list[Any] = [None] * len(tasks)
         pending = list(refs)

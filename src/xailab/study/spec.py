@@ -53,6 +53,7 @@ class StudySpec:
     sanity_method: str = ""
     sanity_images: int = 4
     seed: int = 0
+    kind: str = "grid"  # how each cell runs (xailab.study.kinds): grid, or shortcut (planted marker + control)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain JSON-able dict (stored in ``study.json``)."""
@@ -124,6 +125,17 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
             raise ConfigError(f"{where}: {key} must be at least 1, got {getattr(spec, key)}")
     if spec.n_misclassified < 0:
         raise ConfigError(f"{where}: n_misclassified must be >= 0, got {spec.n_misclassified}")
+    if spec.kind != "grid":  # the kinds' registry imports the runner, which imports this module: look up late
+        from xailab.study.kinds import CELL_RUNNERS
+
+        try:
+            CELL_RUNNERS.get(spec.kind)
+        except UnknownNameError as e:
+            raise ConfigError(f"{where}: kind: {e}") from None
+    if spec.kind == "shortcut":
+        from xailab.study.shortcut import validate_shortcut
+
+        validate_shortcut(spec, where)
     for key in ("misclassification_method", "sanity_method"):
         value = getattr(spec, key)
         if value and value not in methods:
