@@ -8,7 +8,8 @@ everywhere, so ``tune`` times the candidates for one model, input shape and devi
 - ``train_step``: forward + cross-entropy + backward + SGD step, fp32 / bf16 autocast x NCHW / channels_last
   (plus ``torch.compile`` on CUDA), at one batch;
 - ``forward`` (``no_grad``) and ``input_grad`` (forward + gradient w.r.t. the input, the pass of gradient
-  explanations): the same, then chunk sizes from a small geometric set for the winner.
+  explanations): fp32 / bf16 in the layout the model has (explanations never convert a caller's model), then
+  chunk sizes from a small geometric set for the winner.
 
 Each candidate gets a warm-up call and a few timed calls (the fastest counts: the machine may be shared);
 a candidate whose warm-up is already far slower than the best is not timed further. The decision is a pure
@@ -339,9 +340,20 @@ def rank_correlation(model: nn.Module, x: Tensor, channels_last: bool = False) -
     return float(spearman_per_image(fp32.cpu(), bf16.cpu()).mean())
 
 
-def _candidates(batch: int) -> list[Config]:
-    """Stage-1 candidates: precision x layout, eager, at one batch."""
-    return [Config(p, cl, batch) for p in ("fp32", "bf16") for cl in (False, True)]
+def _candidates(batch: int, layouts: Sequence[bool] = (False, True)) -> list[Config]:
+    """Stage-1 candidates: precision x layout (``channels_last`` values), eager, at one batch."""
+    return [Config(p, cl, batch) for p in ("fp32", "bf16") for cl in layouts]
+
+
+def model_is_channels_last(model: nn.Module) -> bool:
+    """Whether ``model``'s 4-D weights are stored channels_last (convolutions then run in that layout)."""
+    # A weight with one input channel or a 1x1 kernel is both at once: only the others tell.
+    telling = [
+        w
+        for w in model.parameters()
+        if w.ndim == 4 and w.is_contiguous() != w.is_contiguous(memory_format=torch.channels_last)
+    ]
+    return bool(telling) and all(w.is_contiguous(memory_format=torch.channels_last) for w in telling)
 
 
 def _bare_copy(model: nn.Module) -> nn.Module:
@@ -395,7 +407,8 @@ class _Bench:
 
     def runner(self, pass_name: str, c: Config) -> Callable[[], object]:
         """``run()`` doing one call of ``pass_name`` in configuration ``c``."""
-        x, y = self.inputs(c.batch, c.channels_last)
+        # Training converts its batches with the model; explanations get the caller's NCHW tensors.
+        x, y = self.inputs(c.batch, c.channels_last and pass_name == "train_step")
         dtype = torch.bfloat16 if c.precision == "bf16" else None
         dev = self.device
         model = self.copy(pass_name == "train_step", c.channels_last, c.compile)
@@ -445,7 +458,10 @@ def _measure_pass(
     # Stage 0, a probe of every candidate at a few images: a clear loser (bf16 emulated on an AVX2 CPU runs
     # ~8x slower) costs one small call instead of calls at the full batch.
     probes = {}
-    for c in _candidates(max(1, first // PROBE_FRACTION)):
+    # Training chooses the layout; explanations run the model in the layout it has (they never convert a
+    # caller's model), so their candidates keep it.
+    layouts = (False, True) if pass_name == "train_step" else (model_is_channels_last(bench.model),)
+    for c in _candidates(max(1, first // PROBE_FRACTION), layouts):
         probes[c] = timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
     fastest = min(probes.values())
     for probe, s in probes.items():
@@ -487,6 +503,7 @@ def _key_fields(
         "device": device_name(device),
         "torch": torch.__version__,
         "train_batch": train_batch,
+        "channels_last_model": model_is_channels_last(model),
     }
 
 
@@ -561,7 +578,7 @@ def tune(
             return True
         if rank is None:
             copy_ = bench.copy(False, winner.channels_last, False)
-            rank = rank_correlation(copy_, bench.sample, winner.channels_last)
+            rank = rank_correlation(copy_, bench.sample)  # the caller's NCHW inputs
             logger.info("autotune: bf16 vs fp32 maps, mean per-image Spearman %.4f", rank)
         return rank >= RANK_GUARD
 
