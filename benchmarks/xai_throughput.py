@@ -23,7 +23,13 @@ colour, classifier batches of 256, its default ridge surrogate); ``shap.Explaine
 to a mean-colour masker and says so). A peer that is missing or fails is reported and skipped. For the
 random methods the column also gives xailab's own seed-0-vs-seed-1 rank correlation, the noise floor.
 
-The limit of a method is the time of the bare passes it cannot avoid: N forward+backward passes for
+Two xailab modes are timed: exact (the defaults, fp32) and fast (``precision="auto"``: the autotuner's
+measured precision and chunk sizes, ``xailab.autotune``; bf16 only where it is faster and keeps a rank
+correlation >= 0.99 with fp32 maps). The table gives both rates, peer time / xailab time for both, and xailab
+time / the limit for both.
+
+The limit of a method is the time of the bare passes it cannot avoid at the fastest bare configuration
+(precision fp32 / bf16 autocast x NCHW / channels_last, each batch of ``--limit-batches``): N forward+backward passes for
 saliency / input x gradient / Grad-CAM, n_steps * N for integrated gradients, n_samples * N for SmoothGrad
 (``model(x).gather(1, t).sum().backward()``), and the forward passes of the perturbed images for occlusion,
 LIME and Kernel SHAP (``no_grad``). Those rates are measured on the same model in the same run, for batches
@@ -114,22 +120,30 @@ def rank_text(a: Tensor, b: Tensor) -> str:
     return f"rank corr {spearman(a, b):.3f}{note}"
 
 
-def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> dict[str, tuple[float, int, str]]:
-    """The fastest rate (images/s), its batch and the whole sweep of the bare passes on copies of ``x``:
-    ``forward`` (``no_grad``), ``forward_backward`` (target logits' ``.backward()``) and ``input_gradient``
-    (``torch.autograd.grad`` w.r.t. the input only), each the best of 3 rounds per batch after a warm-up."""
+BARE_CONFIGS = [(p, cl) for p in ("fp32", "bf16") for cl in (False, True)]  # precision x layout
 
-    def forward(xs, ts):
+
+def bare_rates(
+    model: nn.Module, x: Tensor, target: Tensor, configs=BARE_CONFIGS, batches=LIMIT_BATCHES
+) -> dict[str, tuple[float, int, str]]:
+    """The fastest rate (images/s), its configuration and the whole sweep of the bare passes on copies of
+    ``x``: ``forward`` (``no_grad``), ``forward_backward`` (target logits' ``.backward()``) and
+    ``input_gradient`` (``torch.autograd.grad`` w.r.t. the input only), for every configuration of
+    ``configs`` (precision x memory layout, on a copy of the model) and batch of ``batches``, each the
+    best of 3 rounds after a warm-up. Returns ``{pass: (rate, batch, "config: sweep")}``."""
+    import copy
+
+    def forward(m, xs, ts):
         with torch.no_grad():
-            model(xs)
+            m(xs)
 
-    def forward_backward(xs, ts):
+    def forward_backward(m, xs, ts):
         inp = xs.detach().requires_grad_(True)
-        model(inp).gather(1, ts[:, None]).sum().backward()
+        m(inp).float().gather(1, ts[:, None]).sum().backward()
 
-    def input_gradient(xs, ts):
+    def input_gradient(m, xs, ts):
         inp = xs.detach().requires_grad_(True)
-        torch.autograd.grad(model(inp).gather(1, ts[:, None]).sum(), inp)
+        torch.autograd.grad(m(inp).float().gather(1, ts[:, None]).sum(), inp)
 
     rates = {}
     for name, fn in (
@@ -137,16 +151,29 @@ def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> dict[str, tuple[f
         ("forward_backward", forward_backward),
         ("input_gradient", input_gradient),
     ):
-        sweep = {}
-        for batch in LIMIT_BATCHES:
-            reps = -(-batch // len(x))
-            xs, ts = x.repeat(reps, 1, 1, 1)[:batch].contiguous(), target.repeat(reps)[:batch]
-            fn(xs, ts)
-            seconds, _ = timed(lambda xs=xs, ts=ts, fn=fn: fn(xs, ts), min_time=float("inf"), max_rounds=3)
-            sweep[batch] = batch / seconds
-        best = max(sweep, key=sweep.__getitem__)
-        rates[name] = (sweep[best], best, ", ".join(f"{k}: {v:.1f}" for k, v in sweep.items()))
-    model.zero_grad(set_to_none=True)
+        best_rate, best_batch, texts = 0.0, 0, []
+        for precision, channels_last in configs:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            m = copy.deepcopy(model).to(memory_format=fmt)
+            sweep = {}
+            for batch in batches:
+                reps = -(-batch // len(x))
+                xs = x.repeat(reps, 1, 1, 1)[:batch].contiguous(memory_format=fmt)
+                ts = target.repeat(reps)[:batch]
+
+                def once(xs=xs, ts=ts, fn=fn, m=m, bf16=precision == "bf16"):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        fn(m, xs, ts)
+
+                once()
+                seconds, _ = timed(once, min_time=float("inf"), max_rounds=3)
+                sweep[batch] = batch / seconds
+            top = max(sweep, key=sweep.__getitem__)
+            label = f"{precision} {'channels_last' if channels_last else 'NCHW'}"
+            texts.append(f"{label}: " + ", ".join(f"{k}: {v:.1f}" for k, v in sweep.items()))
+            if sweep[top] > best_rate:
+                best_rate, best_batch, best_label = sweep[top], top, label
+        rates[name] = (best_rate, best_batch, f"best {best_label}; " + "; ".join(texts))
     return rates
 
 
@@ -355,7 +382,7 @@ def bench_model(model_name: str, args) -> None:
     )
 
     print(f"\n### {model_name} ({how}), {b} test images {c}x{h}x{w}; perturbation methods on {k} images")
-    rates = bare_rates(model, x, t)
+    rates = bare_rates(model, x, t, batches=args.limit_batches)
     (fwd_rate, _, _), (fb_rate, _, _), (input_rate, _, _) = rates.values()
     for name, (rate, batch, sweep) in rates.items():
         print(f"bare {name} img/s by batch: {sweep} -> limit {rate:.1f} at batch {batch}")
@@ -389,8 +416,15 @@ def bench_model(model_name: str, args) -> None:
         seconds, ours = timed(
             lambda xs=xs, ts=ts, method=method, params=params: explain(model, xs, method, target=ts, **params)
         )
+        # The fast mode: precision and chunks chosen by the autotuner (measured once per model, cached).
+        explain(model, xs[:2], method, target=ts[:2], precision="auto", **params)  # warm-up (and tuning)
+        fast_s, _ = timed(
+            lambda xs=xs, ts=ts, method=method, params=params: explain(
+                model, xs, method, target=ts, precision="auto", **params
+            )
+        )
         limit = n_fwd / fwd_rate + n_fb / fb_rate
-        to_limit = f"{seconds / limit:.2f}"
+        to_limit = f"{seconds / limit:.2f} / fast {fast_s / limit:.2f}"
         if n_fb:
             to_limit += f" ({seconds / (n_fb / input_rate):.2f} of input-grad-only passes)"
         floor = ""
@@ -428,7 +462,7 @@ def bench_model(model_name: str, args) -> None:
                         fn()  # warm-up
                         peer_s, theirs = timed(fn)
                     peer_rate = f"{n_img / peer_s:.1f}"
-                    speedup = f"{peer_s / seconds:.2f}x"
+                    speedup = f"{peer_s / seconds:.2f}x / fast {peer_s / fast_s:.2f}x"
                     theirs = theirs.detach().float()
                     if compare == "diff" and not peer_name.startswith("shap"):
                         scale = float(ours.abs().max())
@@ -442,7 +476,7 @@ def bench_model(model_name: str, args) -> None:
             rows.append(
                 (
                     method,
-                    f"{n_img / seconds:.1f}",
+                    f"{n_img / seconds:.1f} / {n_img / fast_s:.1f}",
                     peer_name,
                     peer_rate,
                     speedup,
@@ -454,7 +488,8 @@ def bench_model(model_name: str, args) -> None:
 
     print(f"\n#### {model_name} ({how}, {b} images {c}x{h}x{w}; LIME / Kernel SHAP on {k} images)\n")
     print(
-        "| method | xailab exp/s | peer | peer exp/s | speed-up | max diff or rank corr | xailab time / limit |"
+        "| method | xailab exp/s (exact / fast) | peer | peer exp/s | peer time / xailab time (exact / fast) "
+        "| max diff or rank corr | xailab time / fastest bare configuration (exact / fast) |"
     )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
@@ -485,6 +520,9 @@ def main() -> None:
         "--perturb-n", nargs="*", default=["resnet18=8"], help="MODEL=K: LIME / Kernel SHAP on K images"
     )
     parser.add_argument("--window", type=int, default=None, help="occlusion window (default 8, stride half)")
+    parser.add_argument(
+        "--limit-batches", nargs="+", type=int, default=list(LIMIT_BATCHES), help="batches of the bare passes"
+    )
     args = parser.parse_args()
     args.perturb_n = parse_perturb_n(args.perturb_n)
     versions = []
