@@ -312,6 +312,16 @@ def test_a_transformer_method_asked_of_a_cnn_says_what_would_work(method: str) -
     assert "gradcam" in listed and not set(TRANSFORMER_METHODS) & set(listed)
 
 
+def test_lrp_asked_of_a_vit_says_what_would_work() -> None:
+    # LRP's rules are for convolutional networks; the ViT has no convolution (its patch embedding is linear)
+    with pytest.raises(ConfigError) as error:
+        explain(small_vit(), images(), "lrp")
+    message = str(error.value)
+    assert "'lrp' needs a model with conv (this model offers: attention, tokens)" in message
+    listed = message.split("methods that apply to it: ")[1].split(", ")
+    assert set(TRANSFORMER_METHODS) | set(CAM_METHODS) <= set(listed) and "lrp" not in listed
+
+
 def test_a_cnn_only_method_asked_of_a_vit_says_what_would_work() -> None:
     cnn_only = MethodSpec("conv_rule", lambda *a: None, "none", needs=frozenset({"conv"}))
     with pytest.raises(ConfigError) as error:
