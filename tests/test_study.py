@@ -92,6 +92,7 @@ def test_bundled_studies_validate_and_expand():
             "chest-xray",
             "shortcut",
             "shortcut-chest-xray",
+            "cnn-vs-vit",
         ]
     )
     expected = {
@@ -108,6 +109,9 @@ def test_bundled_studies_validate_and_expand():
         "kernel-stride": [f"keras_cnn-stride{s}-kernel_size{k}__cifar10" for s in (1, 2, 3) for k in (3, 4)],
         "chest-xray": [
             f"{m}__chest_xray" for m in ("transfer_ensemble", "mobilenetv2_imagenet", "densenet169")
+        ],
+        "cnn-vs-vit": [
+            f"{m}__{d}" for d in ("cifar10", "mnist") for m in ("resnet18", "efficient_cnn", "vit_tiny")
         ],
     }
     for name in list_studies():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,13 +30,13 @@ from torch import Tensor
 from xailab.data import Dataset, load_dataset
 from xailab.data.transforms import to_model_input
 from xailab.errors import CheckpointError, XailabError
-from xailab.explain.base import explain, preserved_state
+from xailab.explain.base import explain
 from xailab.explain.figures import overlay, save_figure, to_rgb
-from xailab.io import atomic_write, remove_orphans, write_json
-from xailab.metrics import METRICS, agreement_matrix, model_randomisation, summarise
-from xailab.metrics.base import method_explainer, score_explanations
+from xailab.io import atomic_write, remove_orphans
+from xailab.metrics.assessment import Assessment, assess
 from xailab.models import model_input_size
 from xailab.records import CellRecord, read_cell_record
+from xailab.report.assessment import sanity_overlay_figure
 from xailab.study.spec import StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, resolve_device, train
 from xailab.train.loop import config_hash
@@ -283,30 +282,6 @@ def misclassification_figure(
     return fig
 
 
-def sanity_figure(
-    image: Tensor, maps: Tensor, layers: Sequence[str], method: str, columns: int = 8
-) -> Figure:
-    """The cascading randomisation of one image ``[H, W, C]``: the trained model's map, then the maps after
-    layers from the output down are re-initialised (``maps`` ``[L + 1, 1, H, W]``), at most ``columns``
-    panels spread evenly over the cascade (always ending with every layer random)."""
-    stages = np.unique(np.linspace(0, maps.shape[0] - 1, min(columns, maps.shape[0])).round().astype(int))
-    fig = Figure(figsize=(1.45 * len(stages), 2.0))
-    axes = fig.subplots(1, len(stages), squeeze=False)[0]
-    for ax, j in zip(axes, stages, strict=True):
-        ax.imshow(overlay(image, maps[j]), interpolation="nearest")
-        title = "trained" if j == 0 else f"{j} layers random\n(to {layers[j - 1]})"
-        ax.set_title(title if len(title) < 40 else title[:38] + "…", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{method} as the layers are randomised from the output down", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _json_matrix(value: Any) -> Any:
-    return value.tolist() if isinstance(value, Tensor) else value
-
-
 def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_dir: Path) -> dict[str, Any]:
     """Explain the first ``spec.n_explain`` test images with every method, score the maps with every metric,
     compare the methods, run the sanity check and draw the cell's tiles and figures; the cell's record."""
@@ -325,12 +300,23 @@ def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_di
     images = test.images[:n]
     x = to_model_input(images.to(device), dataset.mean, dataset.std).contiguous()
     targets = predicted[:n].to(device)
-    maps: dict[str, Tensor] = {}
-    seconds: dict[str, float] = {}
-    for method in spec.methods:
-        t0 = time.perf_counter()
-        maps[method] = explain(model, x, method, target=targets, **spec.method_params.get(method, {})).cpu()
-        seconds[method] = (time.perf_counter() - t0) / n
+    assessment = assess(
+        model,
+        x,
+        targets,
+        spec.methods,
+        spec.metrics,
+        model_name=cell.name,
+        method_params=spec.method_params,
+        metric_params=spec.metric_params,
+        seed=spec.seed,
+        sanity_methods=[spec.sanity_method] if spec.sanity_method else [],
+        sanity_images=spec.sanity_images,
+        sanity_seed=spec.seed + 42,
+        n_examples=1,
+        agreement=True,
+    )
+    maps = dict(assessment.maps)
     tensors = {f"map.{m}": t.contiguous() for m, t in maps.items()}
     tensors.update(images=images.contiguous(), labels=labels[:n].clone(), predictions=predicted[:n].clone())
     atomic_write(cell_dir / "explanations.safetensors", lambda p: save_file(tensors, str(p)))
@@ -364,17 +350,21 @@ def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_di
         "train_images_per_s": run.metrics.get("train_images_per_s"),
         "inference_images_per_s": round(len(test) / max(inference_seconds, 1e-9), 1),
         "history": run.history,
-        "explain": {"methods": list(spec.methods), "n": n, "seconds_per_image": seconds},
+        "explain": {
+            "methods": list(spec.methods),
+            "n": n,
+            "seconds_per_image": dict(assessment.seconds_per_image),
+        },
         "gallery": gallery,
     }
     meta = read_run_config(cell_dir)
     record.update(parameters=meta["model"]["parameters"], macs=meta["model"]["macs"])
     record["environment"] = meta.get("environment", {})
     record["misclassified"] = _misclassified(spec, model, dataset, predicted, probs, cell_dir)
-    record["quality"], record["metric_info"] = _quality(spec, model, x, targets, maps)
-    agreement = agreement_matrix(maps)
-    record["agreement"] = {k: _json_matrix(v) for k, v in agreement.items()}
-    record["sanity"] = _sanity(spec, model, x, targets, images, cell_dir)
+    record["quality"] = assessment.quality()
+    record["metric_info"] = {m: vars(i) for m, i in assessment.metric_info.items()}
+    record["agreement"] = assessment.to_json()["agreement"]
+    record["sanity"] = _sanity_figure(assessment, spec.sanity_method, images[0], cell_dir)
     return record
 
 
@@ -412,58 +402,14 @@ def _misclassified(
     return out
 
 
-def _quality(
-    spec: StudySpec, model: torch.nn.Module, x: Tensor, targets: Tensor, maps: dict[str, Tensor]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Per method, each metric's mean and bootstrap interval over the explained images; and per metric
-    whether higher or lower is better."""
-    quality: dict[str, Any] = {}
-    if spec.metrics:
-        for method, attributions in maps.items():
-            explain_fn = method_explainer(method, **spec.method_params.get(method, {}))
-            with preserved_state(model):
-                scores = score_explanations(
-                    model,
-                    x,
-                    targets,
-                    attributions.to(x.device),
-                    spec.metrics,
-                    explain_fn,
-                    spec.seed,
-                    **spec.metric_params,
-                )
-            quality[method] = summarise(scores, seed=spec.seed)
-    info = {
-        m: {"better": METRICS.get(m).better, "description": first_sentence(METRICS.get(m).fn)}
-        for m in spec.metrics
-    }
-    return quality, info
-
-
-def first_sentence(fn: Any) -> str:
-    """The first sentence of ``fn``'s docstring, on one line and without reStructuredText backticks."""
-    paragraph = (fn.__doc__ or "").strip().split("\n\n")[0]
-    text = " ".join(line.strip() for line in paragraph.splitlines()).replace("``", "")
-    end = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.(\s|$)", text)  # "Petsiuk et al. 2018" is no sentence end
-    return text if end is None else text[: end.start() + 1]
-
-
-def _sanity(
-    spec: StudySpec, model: torch.nn.Module, x: Tensor, targets: Tensor, images: Tensor, cell_dir: Path
+def _sanity_figure(
+    assessment: Assessment, method: str, image: Tensor, cell_dir: Path
 ) -> dict[str, Any] | None:
-    """Adebayo et al.'s cascading model-randomisation check of ``spec.sanity_method`` (None when not asked)."""
-    if not spec.sanity_method:
+    """Draw ``sanity.png`` from the assessment's randomisation check of ``method`` on ``image`` ``[H, W, C]``;
+    the record's ``sanity`` entry (None when no check was asked for)."""
+    if not method:
         return None
-    k = min(spec.sanity_images, x.shape[0])
-    result = model_randomisation(
-        model,
-        x[:k],
-        targets[:k],
-        method=spec.sanity_method,
-        method_params=spec.method_params.get(spec.sanity_method, {}),
-        n_examples=1,
-        seed=spec.seed + 42,
-    )
-    fig = sanity_figure(images[0], result.maps[:, 0], result.layers, spec.sanity_method)
+    curves = assessment.sanity[method]
+    fig = sanity_overlay_figure(image, assessment.sanity_maps[method][:, 0], curves.layers, method)
     save_figure(fig, cell_dir / "sanity.png")
-    return {"method": spec.sanity_method, "images": k, **result.as_dict(), "figure": "sanity.png"}
+    return {**assessment.to_json()["sanity_check"][method], "figure": "sanity.png"}
