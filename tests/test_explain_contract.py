@@ -24,12 +24,15 @@ CHEAP = {
     "lime": {"n_samples": 16, "segments": "grid"},
     "kernel_shap": {"n_samples": 16, "segments": "grid"},
     "rise": {"n_masks": 16},
+    "smooth_gradcam_plus_plus": {"n_samples": 2},
+    "ss_cam": {"n_samples": 1},
+    "is_cam": {"n_samples": 1},
 }
 # on 224x224 models only the two fundamental methods run, one image at a time
 LARGE_METHODS = ("saliency", "gradcam")
-# Score-CAM runs one forward pass per channel of the layer (up to 1280 here): one image, one call (its
-# repeatability is checked on a small model in test_explain_cam)
-PER_CHANNEL_METHODS = ("score_cam",)
+# Score-CAM (and SS-/IS-CAM, per sample) runs one forward pass per channel of the layer (up to 1280 here):
+# one image, one call (repeatability is checked on small models in test_explain_cam{,_variants})
+PER_CHANNEL_METHODS = ("score_cam", "ss_cam", "is_cam")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
