@@ -25,6 +25,7 @@ from xailab.explain.lrp import (
     ZPlus,
     box_bounds,
     canonize,
+    lrp,
 )
 from xailab.models import MODELS, create_model, list_models, model_input_size
 
@@ -349,20 +350,13 @@ def test_unsupported_layers_are_named():
         composite={"GELU": "pass", "conv": "epsilon", "linear": "epsilon"},
     )
     assert torch.isfinite(maps).all()
-    vits = [name for name in list_models() if name.startswith("vit")]
-    for name in vits:
-        vit = create_model(
-            name,
-            3,
-            NUM_CLASSES,
-            **(
-                {"pretrained": False}
-                if "pretrained" in inspect.signature(MODELS.get(name).factory).parameters
-                else {}
-            ),
-        )
-        with pytest.raises(ConfigError, match="of type"):
-            explain(vit, torch.randn(1, 3, 32, 32), "lrp")
+    for name in [name for name in list_models() if name.startswith("vit")]:
+        vit = create_model(name, 3, NUM_CLASSES).eval()
+        size = model_input_size(name)
+        with pytest.raises(ConfigError, match="needs a model with conv"):
+            explain(vit, torch.randn(1, 3, *size), "lrp")
+        with pytest.raises(ConfigError, match="of type"):  # called directly: the first layer without a rule
+            lrp(vit, torch.randn(1, 3, *size), torch.tensor([0]))
 
 
 def test_unknown_composite_and_rule_suggest_names():

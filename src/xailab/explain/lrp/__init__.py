@@ -96,7 +96,9 @@ def check_logits(found: Probe, logits: Tensor) -> None:
         )
 
 
-@register_method("lrp", reduce="sum")
+# The zoo's transformers have layers without a rule (token embedding, layer norm, attention): LRP is offered
+# for convolutional models; any other model with unsupported layers gets an error naming their type.
+@register_method("lrp", reduce="sum", needs={"conv"})
 def lrp(
     model: nn.Module,
     inputs: Tensor,
