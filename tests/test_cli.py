@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import pytest
+import torch
 from PIL import Image
 
-from xailab import load_dataset
+from xailab import api, load_dataset
 from xailab.cli import main
 
 
@@ -102,3 +105,154 @@ def test_predict_rejects_a_non_image_with_a_clear_error(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "r"), str(bogus)]) == 2
     err = capsys.readouterr().err
     assert "x.png: not a readable image" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------- every bad value is one clear line
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A one-epoch mnist_cnn run on 128 bundled digits (a few seconds), shared by the error tests."""
+    out = tmp_path_factory.mktemp("cli_runs")
+    assert main(["train", "--model", "mnist_cnn", "--dataset", "digits", "--epochs", "1", "--train-limit",
+                 "128", "--precision", "fp32", "--out", str(out), "--name", "r"]) == 0  # fmt: skip
+    return out / "r"
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels over a tiny compressed body."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+TRAIN = ["train", "--model", "mnist_cnn", "--dataset", "digits", "--epochs", "1", "--train-limit", "64"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--image-size", "1"], "train.image_size: 1 is out of range"),
+        (["--image-size", "0"], "train.image_size: 0 is out of range"),
+        (["--eval-batch-size", "0"], "train.eval_batch_size: 0 is out of range"),
+        (["--weight-decay", "-1"], "train.weight_decay: -1.0 is out of range; valid: >= 0"),
+        (["--momentum", "-0.5"], "train.momentum: -0.5 is out of range"),
+        (["--device", "banana"], "device 'banana' is not a device"),
+        (["--model-option", "dropout=abc"], "option dropout: expected float, got 'abc'"),
+        (["--dataset-option", "foo=1"], "dataset 'digits' has no option 'foo'"),
+        (["--dataset-option", "downlaod=true"], "Did you mean 'download'"),
+        (["--name", "../../escaped"], "'../../escaped' cannot be a folder name"),
+    ],
+)
+def test_bad_training_values_are_one_clear_line_and_leave_no_run(flags, message, tmp_path, capsys):
+    assert main([*TRAIN, "--out", str(tmp_path / "runs"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("config.json"))  # nothing that blocks a rerun (or escapes --out)
+
+
+def test_cuda_on_a_machine_without_it_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # CI runs on CPUs, where this is the case tested
+    assert main([*TRAIN, "--out", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "'cuda' is not available on this machine" in err and "valid here: auto, cpu" in err
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "1_0", "nan", "inf"])
+def test_numbers_are_parsed_strictly(value, tmp_path, capsys):
+    """``"²".isdigit()`` is True and ``int("٣")`` is 3 in Python; only ASCII numbers are numbers here."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TRAIN, "--out", str(tmp_path), "--lr" if value in ("nan", "inf") else "--epochs", value])
+    assert exit_info.value.code == 2
+    assert "expected a" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "{run}", "{bomb}"], "refused as a decompression bomb"),
+        (["predict", "{run}", "{big}"], "36,000,000 pixels, over the limit"),
+        (["predict", "{run}", "{digit}", "--top-k", "-3"], "predict.top_k: -3 is out of range"),
+        (["predict", "{run}", "{digit}", "--top-k", "0"], "predict.top_k: 0 is out of range"),
+        (["evaluate", "{run}", "--split", "foo"], "has no split 'foo'; it has test, train"),
+        (["explain", "{run}", "--batch-size", "0"], "explain.batch_size: 0 is out of range"),
+        (["explain", "{run}", "--n", "0"], "explain.n: 0 is out of range"),
+        (["explain", "{run}", "--split", "foo", "--n", "2"], "has no split 'foo'"),
+        (["explain", "{run}", "--methods", "saliency", "--method-option", "n_steps=4"], "none of the chosen"),
+        (
+            ["explain", "{run}", "--methods", "integrated_gradients", "--method-option", "n_step=4"],
+            "Did you mean 'n_steps'",
+        ),
+        (
+            ["explain", "{run}", "--methods", "integrated_gradients", "--method-option", "n_steps=abc"],
+            "n_steps: int = 50 cannot take 'abc'",
+        ),
+        (["explain", "{run}", "--method-option", "noequals"], "expects [METHOD.]KEY=VALUE"),
+        (["assess", "{run}", "--n", "0"], "assess.n: 0 is out of range"),
+        (["assess", "{run}", "--methods", "saliency", "--method-option", "gradcam.x=1"], "not among"),
+    ],
+)
+def test_bad_values_of_the_other_commands_are_one_clear_line(argv, message, tiny_run, tmp_path, capsys):
+    test = load_dataset("digits")["test"]
+    files = {"bomb": bomb_png(100_000, 100_000), "big": bomb_png(6_000, 6_000)}
+    for name, data in files.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    Image.fromarray(test.images[0, :, :, 0].numpy()).save(tmp_path / "digit.png")
+    paths = {k: str(tmp_path / f"{k}.png") for k in ("bomb", "big", "digit")}
+    argv = [a.format(run=tiny_run, **paths) for a in argv]
+    out = ["--out", str(tmp_path / "out")] if argv[0] in ("explain", "assess") else []
+    assert main([*argv, *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_method_options_reach_the_methods(tiny_run, tmp_path):
+    """``--method-option`` values are the method's parameters: the saved maps equal the API's with them."""
+    from safetensors.torch import load_file
+
+    argv = ["explain", str(tiny_run), "--n", "3", "--methods", "integrated_gradients,saliency"]
+    options = ["--method-option", "integrated_gradients.method=riemann_left", "--method-option", "n_steps=4"]
+    assert main([*argv, *options, "--out", str(tmp_path / "ex")]) == 0
+    saved = load_file(str(next((tmp_path / "ex" / "attributions").glob("*.safetensors"))))
+    run = api.load_run(tiny_run)
+    images = load_dataset("digits", image_size=run.image_size)["test"].images[:3]
+    expected = api.explain_images(
+        run, images, "integrated_gradients", params={"n_steps": 4, "method": "riemann_left"}
+    )
+    key = next(k for k in saved if "integrated_gradients" in k)
+    torch.testing.assert_close(saved[key].reshape(expected.shape).float(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_study_named_to_escape_its_folder_is_refused(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: ../../escaped_study\ndatasets: [digits]\nmodels: [mnist_cnn]\nmethods: [saliency]\n"
+        "train: {epochs: 1}\n"
+    )
+    out = tmp_path / "a" / "b" / "runs"
+    assert main(["run", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "name: '../../escaped_study' cannot be a folder name" in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "escaped_study").exists() and not list(tmp_path.rglob("study.json"))
+
+
+def test_a_misspelt_study_dataset_option_is_refused(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: s\ndatasets: [csv_folder]\nmodels: [mnist_cnn]\nmethods: [saliency]\n"
+        "dataset_options: {csv_folder: {test_fracton: 0.3}}\n"
+    )
+    assert main(["run", str(study), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "dataset_options.csv_folder: dataset 'csv_folder' has no option 'test_fracton'" in err
+    assert "Did you mean 'test_fraction'" in err
+
+
+def test_mnist_error_names_the_real_download_option(tmp_path, capsys):
+    argv = ["train", "--model", "mnist_cnn", "--dataset", "mnist", "--out", str(tmp_path / "runs")]
+    assert main([*argv, "--data-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset-option download=true" in err and "run with --download" not in err

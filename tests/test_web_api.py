@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import struct
 import threading
@@ -18,9 +19,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import xailab
+import xailab.errors
 from web_helpers import RUN, digit_png, png_bytes, train_tiny_run
 from xailab import api
 from xailab.cli import main
+from xailab.explain import applicable_methods
 from xailab.web import app as web_app
 from xailab.web import create_app
 
@@ -399,3 +402,141 @@ def test_serve_command_binds_to_loopback_by_default(runs_dir, monkeypatch, capsy
     rows = TestClient(served["app"]).get("/api/runs").json()
     assert [r["run"] for r in rows] == [RUN]
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- broken runs never spread
+@pytest.fixture(scope="module")
+def mixed_runs_dir(runs_dir, tmp_path_factory):
+    """A runs folder with the healthy tiny run, one whose ``metrics.json`` is corrupt and one whose
+    ``config.json`` has an empty ``train`` section."""
+    root = tmp_path_factory.mktemp("mixed_runs")
+    for name in ("good", "bad_metrics", "empty_train"):
+        shutil.copytree(runs_dir / RUN, root / name)
+    (root / "bad_metrics" / "metrics.json").write_text('{"test": {"accuracy": 0.9')  # cut mid-write
+    meta = json.loads((root / "empty_train" / "config.json").read_text())
+    (root / "empty_train" / "config.json").write_text(json.dumps({**meta, "train": {}}))
+    return root
+
+
+def test_a_broken_run_folder_is_listed_as_broken_and_spares_the_others(mixed_runs_dir, run):
+    client = TestClient(create_app(mixed_runs_dir))
+    data, _ = digit_png(2)
+    # a healthy run predicts before and after the broken ones are listed, as the Python API does
+    expected = xailab.predict(run, api.decode_image(data, run.image_size, run.channels), top_k=3)[0]
+    for _ in range(2):
+        body = post_image(client, "/api/runs/good/predict", data).json()
+        assert [c["name"] for c in body["top"]] == [name for name, _ in expected]
+        response = client.get("/api/runs")
+        assert response.status_code == 200, response.text
+    rows = {r["run"]: r for r in response.json()}
+    assert set(rows) == {"good", "bad_metrics", "empty_train"}
+    assert rows["good"]["status"] == "finished" and rows["good"]["error"] is None
+    assert rows["bad_metrics"]["status"] == "broken" and "metrics.json" in rows["bad_metrics"]["error"]
+    assert rows["empty_train"]["status"] == "broken" and "model" in rows["empty_train"]["error"]
+    for broken in ("bad_metrics", "empty_train"):
+        assert_error(
+            post_image(client, f"/api/runs/{broken}/predict", data), 400, f"run {broken!r} is broken"
+        )
+        assert_error(client.get(f"/api/runs/{broken}"), 400, "is broken")
+
+
+def test_runs_command_lists_a_broken_run_with_why(mixed_runs_dir, capsys):
+    assert main(["runs", "--out", str(mixed_runs_dir)]) == 0
+    captured = capsys.readouterr()
+    lines = {line.split()[0]: line for line in captured.out.splitlines()[2:]}
+    assert (
+        "finished" in lines["good"] and "broken" in lines["bad_metrics"] and "broken" in lines["empty_train"]
+    )
+    assert "broken run bad_metrics: " in captured.err and "metrics.json" in captured.err
+    assert "Traceback" not in captured.err
+
+
+# ------------------------------------------------------------------------- methods: captum, params, fit
+def test_captum_methods_are_accepted_like_on_the_command_line(client, run):
+    data, _ = digit_png(4)
+    response = post_image(client, f"/api/runs/{RUN}/explain", data, methods="captum:Saliency", raw="true")
+    assert response.status_code == 200, response.text
+    (m,) = response.json()["maps"]
+    image = api.decode_image(data, run.image_size, run.channels)
+    target = response.json()["target"]["index"]
+    expected = api.explain_images(run, image, "captum:Saliency", target)[0, 0].cpu()
+    np.testing.assert_allclose(np.array(m["attribution"]), expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert_error(
+        post_image(client, f"/api/runs/{RUN}/explain", data, methods="captum:Saliancy"),
+        400,
+        "unknown Captum attribution 'Saliancy'",
+        "Did you mean 'Saliency'",
+    )
+
+
+def test_method_params_reach_the_method(client, run):
+    data, _ = digit_png(6)
+    params = {"integrated_gradients.n_steps": 4, "integrated_gradients.method": "riemann_left"}
+    response = post_image(
+        client,
+        f"/api/runs/{RUN}/explain",
+        data,
+        methods="integrated_gradients,saliency",
+        params=json.dumps(params),
+        raw="true",
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    image = api.decode_image(data, run.image_size, run.channels)
+    target = body["target"]["index"]
+    chosen = api.explain_images(
+        run, image, "integrated_gradients", target, params={"n_steps": 4, "method": "riemann_left"}
+    )[0, 0].cpu()
+    default = api.explain_images(run, image, "integrated_gradients", target)[0, 0].cpu()
+    got = np.array(body["maps"][0]["attribution"])
+    np.testing.assert_allclose(got, chosen.numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(got, default.numpy(), rtol=1e-3, atol=1e-6)  # the params made a difference
+
+
+@pytest.mark.parametrize(
+    ("params", "fragments"),
+    [
+        ('{"integrated_gradients.n_step": 4}', ["no parameter 'n_step'", "Did you mean 'n_steps'"]),
+        ('{"n_steps": "many"}', ["n_steps", "cannot take 'many'"]),
+        ('{"no_such_param": 1}', ["none of the chosen methods", "no_such_param"]),
+        ('{"gradcam.n_steps": 4}', ["'gradcam' is not among the chosen methods"]),
+        ("n_steps=4", ["params: not JSON"]),
+        ("[4]", ["expected a JSON object"]),
+        ("[" * 5000, ["params:"]),  # nesting deeper than the parser's recursion limit
+    ],
+    ids=["misspelt", "bad-type", "nobody-takes-it", "method-not-chosen", "not-json", "not-object", "deep"],
+)
+def test_bad_method_params_are_400_naming_the_param(client, params, fragments):
+    response = post_image(
+        client,
+        f"/api/runs/{RUN}/explain",
+        digit_png(0)[0],
+        methods="integrated_gradients",
+        params=params,
+    )
+    assert_error(response, 400, *fragments)
+
+
+@pytest.mark.parametrize("target", ["²", "٣", "1_0", "+1", "0x1", "1e0"])
+def test_targets_are_parsed_strictly(client, target):
+    """``"²".isdigit()`` and ``int("٣")`` are true/3 in Python: only ASCII digits make an index."""
+    response = post_image(
+        client, f"/api/runs/{RUN}/explain", digit_png(0)[0], methods="saliency", target=target
+    )
+    assert_error(response, 400, "neither a class name nor an index")
+
+
+def test_only_the_methods_that_apply_are_offered_for_a_run(client, run):
+    expected = applicable_methods(run.model)
+    assert expected and set(expected) <= set(xailab.list_methods())
+    assert [m["name"] for m in client.get(f"/api/methods?run={RUN}").json()] == expected
+    assert client.get(f"/api/runs/{RUN}").json()["methods"] == expected
+    assert_error(client.get("/api/methods?run=nope"), 404, "unknown run 'nope'")
+
+
+def test_a_device_this_machine_lacks_is_refused_up_front(runs_dir):
+    with pytest.raises(xailab.errors.ConfigError, match="'banana' is not a device"):
+        create_app(runs_dir, device="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(xailab.errors.ConfigError, match="'cuda' is not available on this machine"):
+            create_app(runs_dir, device="cuda")

@@ -2,54 +2,85 @@
 
 from __future__ import annotations
 
+import difflib
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xailab.data import Dataset, list_datasets, load_dataset
+from xailab.config import bounded, from_dict
+from xailab.data import DATASETS, Dataset, dataset_status, list_datasets, load_dataset
 from xailab.data.transforms import resize_uint8, to_channels, to_model_input
+from xailab.device import resolve_device as _resolve_device
 from xailab.errors import ConfigError, DatasetError
-from xailab.explain import explain, list_methods, resolve_method, validate_method_params
+from xailab.explain import applicable_methods, explain, list_methods
+from xailab.explain.base import check_applicable, resolve_method, validate_method_params
 from xailab.explain.export import explain_to_disk
+from xailab.explain.figures import CMAP, normalise_map, overlay
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
 from xailab.metrics.assessment import assess
-from xailab.models import create_model, list_models, model_input_size, random_init_options
+from xailab.models import create_model, list_models, model_input_size, model_table, random_init_options
 from xailab.report.assessment import write_assessment
-from xailab.study import list_studies, run_study
+from xailab.study import EXECUTORS, TRACKERS, list_studies, run_study
 from xailab.train import Run, TrainConfig, classification_metrics, list_runs, load_run, predict_logits, train
+from xailab.train import distributed as _distributed
+from xailab.train.runs import read_run_config
 
 Precision = Literal["fp32", "bf16"]
 
 __all__ = [
+    "AssessOptions",
+    "ExplainOptions",
+    "PredictOptions",
     "Run",
+    "ServeOptions",
     "TrainConfig",
     "assess_run",
+    "check_methods",
+    "check_train_config",
     "class_probabilities",
     "create_model",
+    "dataset_status",
     "decode_image",
+    "did_you_mean",
     "evaluate",
     "evaluate_explanations",
     "explain",
     "explain_images",
     "explain_run",
     "explain_untrained",
+    "heatmap_image",
+    "is_main_process",
+    "launch_distributed",
+    "launched_by_torchrun",
     "list_datasets",
+    "list_executors",
     "list_methods",
     "list_metrics",
     "list_models",
     "list_runs",
     "list_studies",
+    "list_trackers",
     "load_dataset",
     "load_run",
+    "method_description",
+    "method_options",
+    "methods_for",
+    "model_table",
+    "options",
+    "overlay_image",
     "predict",
     "read_images",
+    "resolve_device",
+    "resume_config",
     "run_dataset",
     "run_study",
+    "speed",
     "train",
 ]
 
@@ -63,7 +94,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a trained run on a split of its dataset (accuracy, macro-F1, confusion matrix, ...)."""
     run = _as_run(run)
-    split_set = run_dataset(run, data_dir, dataset_root)[split]
+    split_set = run_dataset(run, data_dir, dataset_root)[split]  # an unknown split names the valid ones
     logits = predict_logits(run.model, split_set.images, run.mean, run.std, run.config.eval_batch_size)
     return classification_metrics(logits, split_set.labels, run.class_names)
 
@@ -88,11 +119,19 @@ def read_images(paths: Sequence[str | Path], image_size: tuple[int, int], channe
     for path in paths:
         try:
             with Image.open(path) as im:
+                w, h = im.size  # from the header: a decompression bomb is refused before decoding
+                if w * h > MAX_UPLOAD_PIXELS:
+                    raise DatasetError(
+                        f"{path}: image is {w}x{h} = {w * h:,} pixels, over the limit of "
+                        f"{MAX_UPLOAD_PIXELS:,}; refused as a possible decompression bomb"
+                    )
                 im.load()
                 arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
         except (FileNotFoundError, IsADirectoryError):
             raise DatasetError(f"{path}: no such image file") from None
-        except (UnidentifiedImageError, OSError) as e:
+        except Image.DecompressionBombError as e:
+            raise DatasetError(f"{path}: refused as a decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"{path}: not a readable image ({e})") from None
         x = torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], channels)
         arrays.append(resize_uint8(x[None], image_size)[0])
@@ -157,7 +196,9 @@ def class_probabilities(run: Run | str | Path, images: torch.Tensor) -> torch.Te
 def predict(
     run: Run | str | Path, images: Sequence[str | Path] | torch.Tensor, top_k: int = 3
 ) -> list[list[tuple[str, float]]]:
-    """Top-``k`` (class name, probability) for each image file (or uint8 ``[N, H, W, C]`` tensor)."""
+    """Top-``k`` (class name, probability) for each image file (or uint8 ``[N, H, W, C]`` tensor); ``top_k``
+    outside 1..1000 raises ``ConfigError``."""
+    top_k = options(PredictOptions, "predict", top_k=top_k).top_k
     run = _as_run(run)
     x = images if isinstance(images, torch.Tensor) else read_images(images, run.image_size, run.channels)
     probs = class_probabilities(run, x)
@@ -191,12 +232,14 @@ def explain_images(
 
 
 def _method_list(
-    methods: Sequence[str] | None, method_params: Mapping[str, Mapping[str, Any]] | None = None
+    methods: Sequence[str] | None,
+    method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The chosen methods (default: all; ``captum:<Name>`` resolved as any other) and their parameters,
-    validated before anything runs: unknown names suggest the nearest, a parameter of a method not chosen is
-    a ConfigError."""
-    chosen = list(methods) if methods else list_methods()
+    """The chosen methods (default: all that apply to ``model``, e.g. no transformer method for a CNN;
+    ``captum:<Name>`` resolved as any other) and their parameters, validated before anything runs: unknown
+    names suggest the nearest, a parameter of a method not chosen is a ConfigError."""
+    chosen = list(methods) if methods else (list_methods() if model is None else applicable_methods(model))
     for m in chosen:
         resolve_method(m)
     params = dict(method_params or {})
@@ -225,8 +268,8 @@ def explain_run(
     "internal_batch_size": 64}}``), validated up front; ``precision``: see ``explain``."""
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
-    chosen, params = _method_list(methods, method_params)
     run = _as_run(run)
+    chosen, params = _method_list(methods, method_params, run.model)
     labels = None
     if image_files:
         images = read_images(image_files, run.image_size, run.channels)
@@ -273,8 +316,8 @@ def assess_run(
     record's JSON form (what ``scores.json`` holds)."""
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
-    chosen, params = _method_list(methods, method_params)
     run = _as_run(run, device=device)
+    chosen, params = _method_list(methods, method_params, run.model)
     images = run_dataset(run, data_dir)[split].images[:n]
     inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
     record = assess(
@@ -303,9 +346,9 @@ def explain_untrained(
 ) -> Path:
     """The quick demo: every method on an untrained ``model`` over ``n`` bundled ``digits`` test images
     (no run, no download needed); ``method_params`` and ``precision`` as for ``explain_run``."""
-    chosen, params = _method_list(methods, method_params)
     ds = load_dataset("digits", image_size=model_input_size(model))
     net = create_model(model, in_channels=1, num_classes=ds.num_classes, **random_init_options(model))
+    chosen, params = _method_list(methods, method_params, net)
     test = ds["test"]
     return explain_to_disk(
         net,
@@ -320,3 +363,222 @@ def explain_untrained(
         params=params,
         precision=precision,
     )
+
+
+# ============================================================================ what the faces (CLI, web) use
+# The CLI and the web app import only this module (and errors/config): everything they need from the layers
+# below is reached through the functions here, so a face never re-implements a lookup, a check or a default.
+
+OptionsT = TypeVar("OptionsT")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """The bounded options of a prediction (``xailab predict``, the web predict endpoint)."""
+
+    top_k: int = bounded(3, low=1, high=1000, help="how many classes, most probable first")
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """The bounded options of ``xailab explain`` (``explain_run``)."""
+
+    n: int = bounded(64, low=1, high=1_000_000, help="number of images")
+    batch_size: int = bounded(16, low=1, high=1 << 16, help="images explained per call")
+
+
+@dataclass(frozen=True)
+class AssessOptions:
+    """The bounded options of ``xailab assess`` (``assess_run``)."""
+
+    n: int = bounded(256, low=1, high=1_000_000, help="number of test images")
+    batch_size: int = bounded(64, low=1, high=1 << 16, help="images explained per call")
+    seed: int = bounded(0, low=0, high=2**63 - 1, help="seed of the random parts of the metrics")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The bounded options of ``xailab serve``."""
+
+    port: int = bounded(8000, low=0, high=65535, help="TCP port (0: any free one)")
+    max_upload_mb: int = bounded(10, low=1, high=4096, help="largest accepted upload in MiB")
+
+
+def options(cls: type[OptionsT], where: str, **values: Any) -> OptionsT:
+    """Options record ``cls`` from ``values`` (None: the default) through the one validation layer, so a bad
+    value raises ``ConfigError`` naming ``where.field``, the value and the valid range."""
+    return from_dict(cls, {k: v for k, v in values.items() if v is not None}, where=where)
+
+
+def did_you_mean(name: str, names: Sequence[str]) -> str:
+    """`` Did you mean 'x', 'y'?`` for the names closest to ``name`` (empty when none is close)."""
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device ``name`` names (``auto``: CUDA where present, else the CPU), checked to exist on this
+    machine: ``banana``, or ``cuda`` on a build without CUDA, raise ``ConfigError`` saying what is available."""
+    available = ["auto", "cpu"] + (
+        ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+        if torch.cuda.is_available()
+        else []
+    )
+    try:
+        device = _resolve_device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device; valid here: {', '.join(available)}") from None
+    if device.type == "cpu":
+        return device
+    if (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and (device.index is None or device.index < torch.cuda.device_count())
+    ):
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise ConfigError(
+        f"device {name!r} is not available on this machine (this PyTorch build sees "
+        f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA devices); "
+        f"valid here: {', '.join(available)}"
+    )
+
+
+def speed(
+    model: str,
+    image_size: int | None = None,
+    device: str = "auto",
+    channels: int = 3,
+    num_classes: int = 10,
+    refresh: bool = False,
+) -> Any:
+    """The autotuner's table for ``model`` on ``image_size`` x ``image_size`` images (default: the model's
+    own size) with ``channels`` channels on ``device``: seconds per image of each configuration of the
+    training step, the no-grad forward and the forward + input-gradient pass, and the choice of each
+    (``xailab.autotune.Tuning``; read from the cache unless ``refresh``, measured otherwise)."""
+    from xailab import autotune
+
+    size = image_size or model_input_size(model)[0]
+    dev = resolve_device(device)
+    net = create_model(model, in_channels=channels, num_classes=num_classes, **random_init_options(model))
+    return autotune.tune(net, (channels, size, size), dev, refresh=refresh)
+
+
+# ----------------------------------------------------------------------------------------------------- runs
+def check_train_config(config: TrainConfig) -> TrainConfig:
+    """Checks of a training recipe that need the registries or the machine, done before any run folder is
+    made: the device exists here, and the dataset loader reads every ``dataset_options`` key."""
+    resolve_device(config.device)
+    DATASETS.get(config.dataset).check_options(config.dataset_options, where="train.dataset_options")
+    return config
+
+
+def resume_config(run_dir: str | Path) -> dict[str, Any]:
+    """The ``train`` section of a run folder's ``config.json`` (what ``train --resume`` starts from)."""
+    train_section = read_run_config(run_dir).get("train")
+    if not isinstance(train_section, dict):
+        raise ConfigError(f"{run_dir}/config.json has no train section to resume from")
+    return dict(train_section)
+
+
+# ------------------------------------------------------------------------------------ catalogues, launching
+def list_executors() -> list[str]:
+    """Where a study's cells can run (``xailab run --executor``)."""
+    return EXECUTORS.names()
+
+
+def list_trackers() -> list[str]:
+    """Experiment trackers a study can log to (``xailab run --tracking``)."""
+    return TRACKERS.names()
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is a rank started by torchrun (it must not launch again)."""
+    return _distributed.launched_by_torchrun()
+
+
+def is_main_process() -> bool:
+    """Whether this process reports (rank 0, or the only process)."""
+    return _distributed.is_main_process()
+
+
+def launch_distributed(argv: Sequence[str], processes: int) -> int:
+    """Run ``xailab <argv>`` as ``processes`` data-parallel ranks under torchrun; its exit status."""
+    return _distributed.launch(argv, processes)
+
+
+# ------------------------------------------------------------------------------------------------- methods
+def method_description(name: str) -> str:
+    """One line saying what method ``name`` does (``captum:<Name>`` included)."""
+    return resolve_method(name).description
+
+
+def methods_for(run: Run) -> list[str]:
+    """The registered methods that apply to ``run``'s model (what a face offers for it)."""
+    return applicable_methods(run.model)
+
+
+def check_methods(names: Sequence[str], run: Run | None = None) -> list[str]:
+    """``names`` without repeats, each resolved (``captum:<Name>`` included); unknown names raise an error
+    suggesting the nearest; with ``run``, a method its model cannot use is a ``ConfigError`` listing those
+    that apply."""
+    chosen = list(dict.fromkeys(names))
+    for name in chosen:
+        spec = resolve_method(name)
+        if run is not None:
+            check_applicable(spec, run.model)
+    return chosen
+
+
+def method_param_names(name: str) -> frozenset[str]:
+    """The parameters method ``name`` declares (for a wrapper such as SmoothGrad, its default base's too)."""
+    spec = resolve_method(name)
+    extra = spec.extra_params({}) if spec.extra_params is not None else {}
+    return frozenset(spec.params) | frozenset(extra)
+
+
+def method_options(methods: Sequence[str], values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-method parameters from ``{"[METHOD.]KEY": value}`` (``--method-option``, the web form's ``params``).
+
+    ``METHOD.KEY`` goes to ``METHOD`` (one of ``methods``); a bare ``KEY`` to every method in ``methods`` that
+    declares it, and is an error when none does. Each method's parameters are validated by its declaration,
+    so a misspelt or ill-typed parameter raises ``ConfigError`` naming it before anything runs.
+    """
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item, value in values.items():
+        method, _, key = str(item).rpartition(".")
+        if not key:
+            raise ConfigError(f"method option {item!r}: expected [METHOD.]KEY")
+        if method:
+            if method not in out:
+                raise ConfigError(
+                    f"method option {item!r}: {method!r} is not among the chosen methods "
+                    f"({', '.join(methods)}).{did_you_mean(method, methods)}"
+                )
+            out[method][key] = value
+            continue
+        takers = [m for m in methods if key in method_param_names(m)]
+        if not takers:
+            known = sorted(set().union(*(method_param_names(m) for m in methods)))
+            raise ConfigError(
+                f"method option {key!r}: none of the chosen methods ({', '.join(methods)}) takes it."
+                f"{did_you_mean(key, known)} Their parameters: {', '.join(known) or 'none'}; write "
+                f"METHOD.KEY=VALUE to give one method a parameter."
+            )
+        for m in takers:
+            out[m].setdefault(key, value)
+    return {m: validate_method_params(m, params) for m, params in out.items() if params}
+
+
+# ---------------------------------------------------------------------------------------- pictures of maps
+def heatmap_image(attribution: torch.Tensor) -> np.ndarray:
+    """``[1, H, W]`` map -> float ``[H, W, 3]`` in [0, 1]: the normalised map through the figures' colour map."""
+    import matplotlib
+
+    return matplotlib.colormaps[CMAP](normalise_map(attribution).numpy())[..., :3]
+
+
+def overlay_image(image: torch.Tensor, attribution: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """uint8 image ``[H, W, C]`` blended with the colour-mapped map ``[1, H, W]``: float ``[H, W, 3]``."""
+    return overlay(image, attribution, alpha)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import sys
 import typing
 from collections.abc import Sequence
@@ -14,11 +16,10 @@ from typing import Any
 import yaml
 
 from xailab import api
-from xailab.config import read_config_file
+from xailab.config import folder_name, read_config_file
 from xailab.errors import ConfigError, XailabError
-from xailab.study import EXECUTORS, TRACKERS
-from xailab.train import TrainConfig, distributed
-from xailab.train.runs import read_run_config
+
+_INT = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() also takes "٣" and "1_000"
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -42,9 +43,39 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def _strict_int(text: str) -> int:
+    """An argparse type: a whole number in ASCII digits (``²``, ``٣``, ``1_000``, `` 3`` are refused)."""
+    if not _INT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def _strict_float(text: str) -> float:
+    """An argparse type: a finite number in ASCII (``1e-3``, ``0.5``; not ``nan``, ``inf`` or ``١``)."""
+    try:
+        value = float(text) if text.isascii() and "_" not in text and text.strip() == text else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _method_options(items: list[str] | None) -> dict[str, str]:
+    """``--method-option [METHOD.]KEY=VALUE`` items as ``{"[METHOD.]KEY": "VALUE"}``: the text is converted to
+    each parameter's declared type when the methods validate it (``api.method_options``)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-option expects [METHOD.]KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = typing.get_type_hints(api.TrainConfig)
+    for f in dataclasses.fields(api.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = "" if f.default in (dataclasses.MISSING, None) else f" (default: {f.default})"
@@ -72,19 +103,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             )
         else:
             typ = args[0] if args else hint
-            p.add_argument(
-                flag, dest=f.name, type=typ if typ in (int, float) else str, default=None, help=help_text
-            )
+            parse = {int: _strict_int, float: _strict_float}.get(typ, str)
+            p.add_argument(flag, dest=f.name, type=parse, default=None, help=help_text)
 
 
 def _train_config(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
     data: dict[str, Any] = {}
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir is not None:
-        data.update(read_run_config(resume_dir)["train"])
+        data.update(api.resume_config(resume_dir))
     if args.config:
         data.update(read_config_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(api.TrainConfig):
         value = getattr(args, f.name)
         if f.name in ("model_options", "dataset_options"):
             if value:
@@ -101,15 +131,18 @@ def _train_config(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.devices != 1 and not distributed.launched_by_torchrun():
-        return distributed.launch(args.argv, args.devices)  # each rank runs this same command
+    if args.devices < 1:
+        raise ConfigError(f"train --devices: {args.devices} is out of range; valid: >= 1")
+    if args.devices != 1 and not api.launched_by_torchrun():
+        return api.launch_distributed(args.argv, args.devices)  # each rank runs this same command
     data, resume_dir = _train_config(args)
-    config = TrainConfig.from_dict(data)
+    config = api.check_train_config(api.TrainConfig.from_dict(data))
     if resume_dir is not None:
         run = api.train(config, out_dir=resume_dir.parent, name=resume_dir.name, resume=True)
     else:
-        run = api.train(config, out_dir=args.out, name=args.name)
-    if not distributed.is_main_process():
+        name = None if args.name is None else folder_name(args.name, "train --name")
+        run = api.train(config, out_dir=args.out, name=name)
+    if not api.is_main_process():
         return 0  # rank 0 reports
     test = run.metrics.get("test", {})
     print(f"run: {run.path}")
@@ -122,9 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from xailab.models import model_table
-
-    rows = model_table()
+    rows = api.model_table()
     for r in rows:
         r["parameters"] = f"{r['params']:,}"
         r["MACs"] = f"{r['macs'] / 1e6:,.1f}M"
@@ -133,12 +164,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_datasets(args: argparse.Namespace) -> int:
-    from xailab.data import dataset_status
+def cmd_speed(args: argparse.Namespace) -> int:
+    tuning = api.speed(args.model, args.image_size, args.device, args.channels, refresh=args.refresh)
+    print(tuning.table())
+    return 0
 
+
+def cmd_datasets(args: argparse.Namespace) -> int:
     rows = []
     for name in api.list_datasets():
-        s = dataset_status(name, data_dir=args.data_dir)
+        s = api.dataset_status(name, data_dir=args.data_dir)
         rows.append(
             {
                 "name": name,
@@ -168,18 +203,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    results = api.predict(args.run, args.images, top_k=args.top_k)
+    top_k = api.options(api.PredictOptions, "predict", top_k=args.top_k).top_k  # checked before loading
+    results = api.predict(args.run, args.images, top_k=top_k)
     for path, top in zip(args.images, results, strict=True):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return 0
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of names, or None when not given."""
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
+def _method_params(args: argparse.Namespace, methods: list[str] | None) -> dict[str, dict[str, object]]:
+    """The ``--method-option`` values per chosen method (default: every method), validated up front: a bare
+    KEY goes to every chosen method that declares it (an error when none does)."""
+    values = _method_options(args.method_option)
+    if not values:
+        return {}
+    return api.method_options(api.check_methods(methods or api.list_methods()), values)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = _names(args.methods)
+    opts = api.options(
+        api.ExplainOptions,
+        "explain",
+        n=args.n if args.n is not None else (8 if args.untrained else None),
+        batch_size=args.batch_size,
+    )
+    params = _method_params(args, methods)
     if args.untrained:
         if not args.model:
             raise ConfigError("explain --untrained needs --model NAME (see `xailab models`)")
-        out = api.explain_untrained(args.model, args.out, methods, n=args.n or 8)
+        out = api.explain_untrained(
+            args.model, args.out, methods, n=opts.n, method_params=params, precision=args.precision
+        )
     else:
         if not args.run:
             raise ConfigError(
@@ -190,31 +249,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
             args.out,
             methods,
             split=args.split,
-            n=args.n or 64,
+            n=opts.n,
             image_files=args.images,
             data_dir=args.data_dir,
-            batch_size=args.batch_size,
+            batch_size=opts.batch_size,
+            method_params=params,
+            precision=args.precision,
         )
     print(f"explanations: {out}/ (index.csv, grid.png, panels/, attributions/)")
     return 0
 
 
-def _names(text: str | None) -> list[str] | None:
-    """A comma-separated list of names, or None when not given."""
-    return [m.strip() for m in text.split(",") if m.strip()] if text else None
-
-
 def cmd_assess(args: argparse.Namespace) -> int:
+    methods = _names(args.methods)
+    opts = api.options(api.AssessOptions, "assess", n=args.n, batch_size=args.batch_size, seed=args.seed)
+    params = _method_params(args, methods)
     report = api.assess_run(
         args.run,
         args.out,
-        methods=_names(args.methods),
+        methods=methods,
         metrics=_names(args.metrics),
-        n=args.n,
+        n=opts.n,
         split=args.split,
         data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        method_params=params,
     )
     rows = [
         {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items() if k != "model"}
@@ -234,6 +294,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if r["test_accuracy"] is not None:
             r["test_accuracy"] = f"{r['test_accuracy']:.4f}"
     print(_table(rows, ["run", "model", "dataset", "status", "epochs", "test_accuracy"]))
+    for r in rows:
+        if r["status"] == "broken":  # listed, never fatal: say why, so the folder can be fixed or removed
+            print(f"broken run {r['run']}: {r.get('error')}", file=sys.stderr)
     return 0
 
 
@@ -250,14 +313,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"xailab: serving on {args.host}: anyone who can reach this address can use the app",
             file=sys.stderr,
         )
+    opts = api.options(api.ServeOptions, "serve", port=args.port, max_upload_mb=args.max_upload_mb)
     app = create_app(
         args.runs,
         data_dir=args.data_dir,
         device=args.device,
-        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        max_upload_bytes=opts.max_upload_mb * 1024 * 1024,
     )
     print(f"xailab: serving the runs under {args.runs}/ at http://{args.host}:{args.port}/ (API docs: /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="warning")
+    uvicorn.run(app, host=args.host, port=opts.port, workers=1, log_level="warning")
     return 0
 
 
@@ -298,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     p.add_argument(
         "--devices",
-        type=int,
+        type=_strict_int,
         default=1,
         metavar="N",
         help="data-parallel over N processes on this machine (one per GPU, or N CPU processes on gloo): "
@@ -308,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models with parameters and multiply-accumulates")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("speed", help="measure the fastest precision, layout and chunk size for a model here")
+    p.add_argument("--model", required=True, help="a model name (see `xailab models`)")
+    p.add_argument("--image-size", type=_strict_int, help="input height = width (default: the model's own)")
+    p.add_argument("--channels", type=_strict_int, default=3, help="input channels (default: 3)")
+    p.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
+    p.set_defaults(func=cmd_speed)
 
     p = sub.add_parser("datasets", help="list the datasets, where they were found and whether verified")
     p.add_argument("--data-dir", help="folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
@@ -323,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top classes with confidence for image files")
     p.add_argument("run")
     p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_strict_int, default=3, help="how many classes (1 to 1000; default: 3)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -332,14 +404,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run folder, e.g. runs/mnist_cnn__mnist")
     p.add_argument("--methods", help="comma-separated method names (default: all; see xailab.list_methods())")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, help="number of images (default: 64, or 8 with --untrained)")
+    p.add_argument("--n", type=_strict_int, help="number of images (default: 64, or 8 with --untrained)")
     p.add_argument("--images", nargs="+", help="explain these image files instead of a split")
     p.add_argument("--out", default="explanations", help="output folder (default: explanations)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_strict_int, default=16, help="images explained per call")
     p.add_argument("--data-dir")
     p.add_argument("--model", help="with --untrained: a model name")
     p.add_argument(
         "--untrained", action="store_true", help="the quick demo: an untrained model on bundled digits"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 runs the model under bfloat16 autocast (fast on GPUs and CPUs with native bf16)",
+    )
+    p.add_argument(
+        "--method-option",
+        action="append",
+        metavar="[METHOD.]KEY=VALUE",
+        help="a method parameter, repeatable: METHOD.KEY=VALUE for one method (e.g. "
+        "integrated_gradients.n_steps=32), KEY=VALUE for every chosen method that takes KEY "
+        "(e.g. internal_batch_size=64)",
     )
     p.set_defaults(func=cmd_explain)
 
@@ -356,11 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
         + "); one of: "
         + ", ".join(api.list_metrics()),
     )
-    p.add_argument("--n", type=int, default=256, help="number of test images (default: 256)")
+    p.add_argument("--n", type=_strict_int, default=256, help="number of test images (default: 256)")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="assessment", help="output folder (default: assessment)")
-    p.add_argument("--batch-size", type=int, default=64, help="images explained per call (default: 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size", type=_strict_int, default=64, help="images explained per call (default: 64)"
+    )
+    p.add_argument("--seed", type=_strict_int, default=0)
+    p.add_argument(
+        "--method-option",
+        action="append",
+        metavar="[METHOD.]KEY=VALUE",
+        help="a method parameter, repeatable: METHOD.KEY=VALUE for one method (e.g. "
+        "integrated_gradients.n_steps=32), KEY=VALUE for every chosen method that takes KEY "
+        "(e.g. internal_batch_size=64)",
+    )
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_assess)
 
@@ -371,9 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         "study", nargs="?", default="quick", help="a bundled study name or a .yaml/.toml study file"
     )
     p.add_argument("--out", default="runs", help="folder holding the studies (default: runs)")
-    p.add_argument("--executor", default="local", choices=EXECUTORS.names(), help="where cells run")
+    p.add_argument("--executor", default="local", choices=api.list_executors(), help="where cells run")
     p.add_argument("--address", help="with --executor ray: the Ray cluster (default: a local one)")
-    p.add_argument("--tracking", choices=TRACKERS.names(), help="log params, metrics, models and the report")
+    p.add_argument(
+        "--tracking", choices=api.list_trackers(), help="log params, metrics, models and the report"
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a file store <out>/mlruns)")
     p.add_argument("--data-dir", help="folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
     p.add_argument("--list", action="store_true", help="list the bundled studies and exit")
@@ -388,10 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_strict_int, default=8000)
     p.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda, cuda:1, ...")
     p.add_argument("--data-dir", help="datasets folder for the test-set samples (default: $XAILAB_DATA_DIR)")
-    p.add_argument("--max-upload-mb", type=int, default=10, help="largest accepted upload (default: 10)")
+    p.add_argument(
+        "--max-upload-mb", type=_strict_int, default=10, help="largest accepted upload (default: 10)"
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -50,10 +50,18 @@ async function loadRuns() {
     box.append(el("em", { text: "no runs yet: train one with `xailab train`" }));
     return;
   }
+  const firstHealthy = runs.findIndex((run) => run.status !== "broken");
   runs.forEach((run, i) => {
     const input = el("input", { type: "checkbox", value: run.run });
-    input.checked = i === 0;
+    input.checked = i === firstHealthy;
     input.addEventListener("change", () => { loadSamples(); updateButton(); });
+    if (run.status === "broken") {
+      // listed so that it can be fixed, never selectable: the server refuses it and says why
+      input.disabled = true;
+      box.append(el("label", { class: "run broken", title: run.error || "" }, input, ` ${run.run}`,
+        el("small", { text: ` — broken: ${run.error || "unreadable run folder"}` })));
+      return;
+    }
     const accuracy = run.test_accuracy == null ? "" : ` — test accuracy ${(100 * run.test_accuracy).toFixed(2)}%`;
     box.append(el("label", { class: "run" }, input, ` ${run.run}`, el("small", { text: accuracy })));
   });
