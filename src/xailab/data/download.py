@@ -89,8 +89,8 @@ def missing_files_message(
         lines.append("Downloading them failed (offline?). Copy them there by hand, then run again.")
     else:
         lines.append(
-            "Run with --download (download=True) to fetch and verify them, or set XAILAB_DATA_DIR "
-            "(or pass --dataset-root) to point at a folder that already holds them."
+            "Run with --dataset-option download=true (download=True in Python) to fetch and verify them, "
+            "or set XAILAB_DATA_DIR (or pass --dataset-root) to point at a folder that already holds them."
         )
     return "\n".join(lines)
 
@@ -154,7 +154,8 @@ def safe_extract(archive: Path, dest: Path) -> None:
             tar.extractall(dest, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DatasetError(
-            f"{archive} is not a readable tar archive ({exc}). Delete it and run with --download."
+            f"{archive} is not a readable tar archive ({exc}). Delete it and run with "
+            "--dataset-option download=true."
         ) from None
 
 

@@ -12,10 +12,11 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from xailab.config import bounded, from_dict
 from xailab.data.base import (
     Augment,
     Dataset,
@@ -38,8 +40,12 @@ from xailab.data.transforms import stratified_split, to_channels
 from xailab.errors import DatasetError
 from xailab.io import atomic_write
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Every format an image folder may hold, by extension, and the Pillow decoders allowed to read them (a
+# file is decoded by its content among these, never by a rarer Pillow parser).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
+_INT = re.compile(r"[+-]?[0-9]+")
 SPLITS = ("train", "val", "test")
 CHEST_CLASSES = ("NORMAL", "PNEUMONIA")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
@@ -70,13 +76,22 @@ def _is_image_name(name: str) -> bool:
 
 
 def list_class_folder(folder: Path, label: int, name: str) -> list[ImageFile]:
-    """The images in one class folder, sorted by name; an empty folder raises ``DatasetError``."""
+    """The images in one class folder (every format of ``IMAGE_EXTENSIONS``), sorted by name. A subfolder or
+    an empty folder raises ``DatasetError`` naming it; files of other types (notes, hidden files) are not
+    images and are left out."""
     with os.scandir(folder) as it:
-        entries = sorted((e for e in it if e.is_file() and _is_image_name(e.name)), key=lambda e: e.name)
+        visible = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    nested = [e.name for e in visible if e.is_dir()]
+    if nested:
+        raise DatasetError(
+            f"{name}: {folder} holds the folder(s) {nested[:5]}, but a class folder must hold its images "
+            "directly. Move their images up into the class folder, or make each a class of its own."
+        )
+    entries = [e for e in visible if e.is_file() and _is_image_name(e.name)]
     if not entries:
         raise DatasetError(
-            f"{name}: {folder} holds no .png/.jpg/.jpeg images. Add images or remove the folder "
-            "(from every split)."
+            f"{name}: {folder} holds no .png/.jpg/.jpeg images (nor {', '.join(IMAGE_EXTENSIONS[3:])}). "
+            "Add images or remove the folder (from every split)."
         )
     return [ImageFile(e.path, label, (st := e.stat()).st_size, st.st_mtime_ns) for e in entries]
 
@@ -120,8 +135,8 @@ def _decode_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()  # one read instead of Pillow's many small ones: about 30% faster for tiny files
-        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as img:
-            img.load()
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            img.load()  # the first frame of an animated GIF or WebP
             if img.mode not in ("L", "RGB"):
                 img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
             if size is not None and img.size != (size[1], size[0]):
@@ -337,10 +352,8 @@ def find_csv(name: str, root: Path, csv_name: str | None) -> Path:
 
 
 def _parse_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
+    """``text`` as an int when it is one in ASCII digits (``int()`` also takes ``"٣"`` and ``"1_0"``)."""
+    return int(text) if _INT.fullmatch(text) else None
 
 
 def _resolve_image(root: Path, cell: str) -> Path | None:
@@ -359,18 +372,27 @@ def _resolve_image(root: Path, cell: str) -> Path | None:
 
 def read_label_csv(name: str, root: Path, csv_path: Path) -> tuple[tuple[str, ...], list[ImageFile]]:
     """Class names and labelled files from a CSV of ``file name or index, label`` rows (header optional)."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = [
-            (n, [c.strip() for c in row])
-            for n, row in enumerate(csv.reader(f), 1)
-            if any(c.strip() for c in row)
-        ]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = [
+                (n, [c.strip() for c in row])
+                for n, row in enumerate(csv.reader(f), 1)
+                if any(c.strip() for c in row)
+            ]
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{name}: {csv_path} is not UTF-8 text (byte {e.start}: {e.reason}). Save it as UTF-8 "
+            "(e.g. 'CSV UTF-8' in a spreadsheet program)."
+        ) from None
+    except csv.Error as e:
+        raise DatasetError(f"{name}: {csv_path} is not a readable CSV file ({e}).") from None
     first = rows[0][1] if rows else []
     if first and _parse_int(first[0]) is None and not first[0].lower().endswith(IMAGE_EXTENSIONS):
         rows = rows[1:]  # a header row: its first cell is neither an index nor an image file name
     if not rows:
         raise DatasetError(f"{name}: {csv_path} has no data rows. Add rows of 'file name or index, label'.")
-    entries = []
+    entries: list[tuple[Path, str]] = []
+    first_row: dict[Path, tuple[int, str]] = {}  # image -> (row, label) where it was first listed
     for n, row in rows:
         if len(row) < 2 or not row[1]:
             raise DatasetError(
@@ -382,9 +404,26 @@ def read_label_csv(name: str, root: Path, csv_path: Path) -> tuple[tuple[str, ..
                 f"{name}: {csv_path} row {n} names {row[0]!r}, but no such image is in {root} or "
                 f"{root / 'images'}. Add the file or fix the row."
             )
+        if path in first_row:  # twice in the set: it would leak between train and test
+            seen, label = first_row[path]
+            conflict = f" with label {row[1]!r} where row {seen} says {label!r}" if label != row[1] else ""
+            raise DatasetError(
+                f"{name}: {csv_path} row {n} lists {path.name} again{conflict} (first at row {seen}). "
+                "List each image once."
+            )
+        first_row[path] = (n, row[1])
         entries.append((path, row[1]))
     raw = [label for _, label in entries]
     ints = [_parse_int(label) for label in raw]
+    if any(i is not None for i in ints) and any(i is None for i in ints):
+        # Mixed: a stray name among class indices (or the reverse) would silently become a class of its own.
+        numeric = sum(i is not None for i in ints) * 2 >= len(ints)
+        k = next(k for k, i in enumerate(ints) if (i is None) == numeric)
+        kinds = ("integers", "a name") if numeric else ("class names", "an integer")
+        raise DatasetError(
+            f"{name}: {csv_path} row {rows[k][0]} has label {raw[k]!r}, {kinds[1]}, but the other labels are "
+            f"{kinds[0]}. Fix the row: labels are all class indices or all class names."
+        )
     if all(i is not None for i in ints):
         values = sorted(set(ints))
         class_names = tuple(str(v) for v in values)
@@ -397,7 +436,26 @@ def read_label_csv(name: str, root: Path, csv_path: Path) -> tuple[tuple[str, ..
     return class_names, [_image_file(p, y) for (p, _), y in zip(entries, labels, strict=True)]
 
 
-@register_dataset("csv_folder", None, "a folder of images plus a CSV of file,label (needs --dataset-root)")
+@dataclass(frozen=True)
+class CsvOptions:
+    """The options of the ``csv_folder`` loader (``--dataset-option KEY=VALUE``)."""
+
+    csv: str | None = bounded(None, help="the label file in the root (default: its single *.csv)")
+    test_fraction: float = bounded(
+        0.2, low=0, high=1, low_open=True, high_open=True, help="stratified share of the test split"
+    )
+    split_seed: int = bounded(0, low=0, high=2**63 - 1, help="seed of the train/test split")
+
+
+CSV_OPTIONS = frozenset(f.name for f in fields(CsvOptions))
+
+
+@register_dataset(
+    "csv_folder",
+    None,
+    "a folder of images plus a CSV of file,label (needs --dataset-root)",
+    options=CSV_OPTIONS,
+)
 def load_csv_folder(request: LoadRequest) -> Dataset:
     """Images listed in a label CSV, split by a seeded stratified ``test_fraction`` (default 0.2) into train/test."""
     root = request.root.expanduser().resolve()
@@ -405,12 +463,15 @@ def load_csv_folder(request: LoadRequest) -> Dataset:
         raise DatasetError(
             f"csv_folder: {root} is not a folder. Pass the folder of images and CSV as --dataset-root."
         )
-    csv_path = find_csv("csv_folder", root, request.options.get("csv"))
+    opts = from_dict(
+        CsvOptions, {k: v for k, v in request.options.items() if k in CSV_OPTIONS}, where="csv_folder"
+    )
+    csv_path = find_csv("csv_folder", root, opts.csv)
     class_names, files = read_label_csv("csv_folder", root, csv_path)
     decoded = decode_cached("csv_folder", root, {"all": files}, request)
     full, notes = decoded.splits["all"], list(decoded.notes)
-    fraction = float(request.options.get("test_fraction", 0.2))
-    train_idx, test_idx = stratified_split(full.labels, fraction, int(request.options.get("split_seed", 0)))
+    fraction = opts.test_fraction
+    train_idx, test_idx = stratified_split(full.labels, fraction, opts.split_seed)
     notes.append(f"no official test split: a seeded stratified {fraction:.0%} test split of {csv_path.name}")
     splits = {"train": full.subset(train_idx), "test": full.subset(test_idx)}
     return folder_dataset("csv_folder", root, class_names, splits, notes + _jpeg_note({"all": files}))

@@ -59,7 +59,7 @@ FASHION_CLASSES = (
     "Ankle boot",
 )
 
-_FIX = "Delete it and run with --download, or copy the official file there."
+_FIX = "Delete it and run with --dataset-option download=true, or copy the official file there."
 
 
 def parse_idx(data: bytes, path: Path, magic: int, dataset: str) -> np.ndarray:

@@ -7,11 +7,13 @@ Contract of every model: an ``nn.Module`` mapping float ``[B, C, H, W]`` to logi
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
+from xailab.config import check_type
 from xailab.errors import ConfigError
 from xailab.registry import Registry
 
@@ -55,7 +57,18 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, **optio
         raise ConfigError(
             f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(accepted) or 'none'}"
         )
-    model = spec.factory(in_channels=in_channels, num_classes=num_classes, **options)
+    try:
+        hints = typing.get_type_hints(spec.factory)
+    except Exception:  # an annotation that does not resolve: the factory's own checks remain
+        hints = {}
+    options = {  # "dropout=abc" is named here, not deep inside torch
+        k: check_type(f"model {name!r}: option {k}", v, hints[k]) if k in hints else v
+        for k, v in options.items()
+    }
+    try:
+        model = spec.factory(in_channels=in_channels, num_classes=num_classes, **options)
+    except (ValueError, TypeError) as e:  # a value the layers refuse (dropout=5): say which model and options
+        raise ConfigError(f"model {name!r}: options {options} are invalid: {e}") from None
     model.model_name = name
     return model
 
