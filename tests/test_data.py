@@ -28,7 +28,7 @@ from xailab.data import (
     to_channels,
     to_model_input,
 )
-from xailab.errors import DatasetError, UnknownNameError
+from xailab.errors import DatasetError, UnknownNameError, XailabError
 
 # --- IDX (mnist layout) ---------------------------------------------------------------------------
 
@@ -313,6 +313,19 @@ def test_digits():
     assert ds.augment == Augment(crop_padding=1, hflip=False) and ds.num_classes == 10
     big = load_dataset("digits", image_size=16, channels=3)
     assert big["train"].images.shape == (1438, 16, 16, 3) and len(big.mean) == 3
+
+
+def test_an_unknown_split_is_a_clear_error_listing_the_valid_ones():
+    ds = load_dataset("digits")
+    with pytest.raises(XailabError, match=r"no split 'foo'.*test, train"):
+        ds["foo"]
+
+
+def test_each_dataset_with_a_folder_declares_its_status_check():
+    from xailab.data import DATASETS
+
+    checked = {name for name in DATASETS.names() if DATASETS.get(name).status is not None}
+    assert checked == {"mnist", "fashion_mnist", "cifar10", "chest_xray"}
 
 
 def test_stratified_split_proportions_and_determinism():

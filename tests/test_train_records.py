@@ -187,7 +187,7 @@ def test_a_model_too_big_for_the_images_is_a_config_error(tmp_path):
     tiny = load_dataset("digits")  # 8x8: efficient_cnn's poolings leave nothing
     with pytest.raises(ConfigError, match="cannot take 1x8x8 inputs"):
         train(small(model="efficient_cnn"), out_dir=tmp_path, dataset=tiny, progress=False)
-    assert not (tmp_path / "efficient_cnn__digits" / "config.json").exists()
+    assert not (tmp_path / "efficient_cnn__digits").exists()  # the lock created the folder, and removed it
 
 
 def test_a_locked_run_folder_refuses_a_second_trainer(tmp_path, digits):
@@ -195,7 +195,8 @@ def test_a_locked_run_folder_refuses_a_second_trainer(tmp_path, digits):
         train(small(), out_dir=tmp_path, name="r", dataset=digits, progress=False)
     assert str(tmp_path / "r") in str(e.value) and f"pid {os.getpid()}" in str(e.value)
     # Released at the end of the block (and by the kernel when a process dies): training proceeds.
-    train(small(), out_dir=tmp_path, name="r", dataset=digits, progress=False)
+    run = train(small(), out_dir=tmp_path, name="r", dataset=digits, progress=False)
+    assert not (run.path / ".xailab.lock").exists()  # removed on release
 
 
 def test_resume_removes_the_temp_files_of_killed_writes(tmp_path, digits):
@@ -218,3 +219,42 @@ def test_atomic_writes_fsync_the_file_before_the_rename(tmp_path, monkeypatch):
     assert events == ["fsync", "rename", "fsync"]  # the file, the rename, then the folder
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_locked_study_folder_refuses_a_second_run(tmp_path):
+    from study_helpers import tiny
+    from xailab.study import run_study, spec_from_dict
+
+    spec = spec_from_dict(tiny(name="locked"))
+    with folder_lock(tmp_path / "locked", "study folder"), pytest.raises(LockedError, match="study folder"):
+        run_study(spec, out=tmp_path, progress=False)
+    assert not (tmp_path / "locked" / "study.json").exists()  # nothing written while it was held
+
+
+def test_a_cell_record_is_validated_and_a_broken_one_is_redone(tmp_path):
+    from study_helpers import tiny
+    from xailab.records import CellRecord, read_cell_record
+    from xailab.study import expand_cells, spec_from_dict
+    from xailab.study.runner import cell_key, finished_record
+
+    spec = spec_from_dict(tiny())
+    cell = expand_cells(spec)[0]
+    record = CellRecord(
+        cell=cell.name,
+        cell_key=cell_key(spec, cell),
+        model=cell.model,
+        dataset=cell.dataset,
+        image_size=(16, 16),
+        test={"accuracy": 0.5},
+        sections={"quality": {"saliency": {}}, "shortcut": {"x": 1}},
+    )
+    record.write(tmp_path)
+    data = json.loads((tmp_path / "record.json").read_text())
+    assert data["quality"] == {"saliency": {}} and data["shortcut"] == {"x": 1} and "sections" not in data
+    again = finished_record(spec, cell, tmp_path)
+    assert again == read_cell_record(tmp_path / "record.json") and again.accuracy == 0.5
+    data["parameters"] = -1  # hand-edited: the cell is redone rather than reported
+    write_json(tmp_path / "record.json", data)
+    with pytest.raises(ConfigError, match=r"record.json: parameters: -1 is out of range"):
+        read_cell_record(tmp_path / "record.json")
+    assert finished_record(spec, cell, tmp_path) is None

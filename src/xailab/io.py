@@ -96,24 +96,39 @@ def remove_orphans(folder: str | Path) -> list[Path]:
 def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if needed) for the block.
 
-    The lock is an ``fcntl`` lock on ``folder/.xailab.lock``: the kernel releases it when the process dies,
-    so a killed run never leaves a stale lock. A second process gets a ``LockedError`` naming the folder and
-    the holder's pid. ``what`` names the folder's kind in that message ("run folder", "study folder").
+    The lock is an ``fcntl`` lock on ``folder/.xailab.lock``, which the kernel releases when the process
+    dies, so a killed run never leaves a stale lock; the file is removed on release, and a folder the lock
+    created stays only if something was written into it. A second process gets a ``LockedError`` naming the
+    folder and the holder's pid. ``what`` names the folder's kind in that message ("run folder", ...).
     """
     folder = Path(folder)
+    created = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise LockedError(
                 f"the {what} {folder} is in use by another xailab process (pid {holder}); wait for it to "
                 "finish, or use another name / --out"
             ) from None
+        try:  # the holder may have removed the file as we opened it: then lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield folder
     finally:
-        os.close(fd)  # closing releases the lock
+        path.unlink(missing_ok=True)  # while still locked, so no one holds a lock on a removed file
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: keep it
+                folder.rmdir()

@@ -292,30 +292,14 @@ class TrainState:
     created: str = ""
 
     def info(self, config_hash: str) -> dict[str, Any]:
-        """The JSON part of a checkpoint."""
-        return {
-            "epoch": self.epoch,
-            "history": self.history,
-            "best": self.best,
-            "bad_epochs": self.bad_epochs,
-            "plateau": self.plateau.state(),
-            "config_hash": config_hash,
-            "created": self.created,
-            "start_loss": self.start_loss,
-        }
+        """The JSON part of a checkpoint (the plateau schedule as a dict)."""
+        return {**dataclasses.asdict(self), "config_hash": config_hash}
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> TrainState:
-        """Rebuild from a checkpoint's JSON part (checkpoints older than ``start_loss`` lack it)."""
-        return cls(
-            info["epoch"],
-            info["history"],
-            info["best"],
-            info["bad_epochs"],
-            Plateau(**info["plateau"]),
-            info.get("start_loss"),
-            info.get("created", ""),
-        )
+        """Rebuild from a checkpoint's JSON part (older checkpoints lack ``start_loss``)."""
+        kept = {f.name: info[f.name] for f in dataclasses.fields(cls) if f.name in info}
+        return cls(**{**kept, "plateau": Plateau(**info["plateau"])})
 
 
 @dataclass
@@ -374,7 +358,7 @@ class Trainer:
         options = {**size_options(config.model, dataset.image_size), **config.model_options}
         model = create_model(config.model, in_channels=dataset.channels, num_classes=k, **options)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model.to(device=device, memory_format=memory_format)
+        model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack it
         optimizer = _optimizer(config, [p for p in model.parameters() if p.requires_grad])
         ddp_model = distributed.wrap_model(model, ctx)  # the training forward; `model` for everything else
         loss_weight = (
@@ -616,18 +600,8 @@ class Trainer:
         self.write_meta(status="finished")
         distributed.barrier(self.ctx)  # the run folder is complete when any rank returns
         ds = self.meta.dataset
-        return Run(
-            self.run_dir,
-            self.config,
-            self.model,
-            ds.class_names,
-            ds.mean,
-            ds.std,
-            ds.image_size,
-            ds.channels,
-            history,
-            metrics,
-        )
+        run_data = (ds.class_names, ds.mean, ds.std, ds.image_size, ds.channels, history, metrics)
+        return Run(self.run_dir, self.config, self.model, *run_data)
 
 
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
