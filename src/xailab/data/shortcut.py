@@ -34,7 +34,7 @@ GLYPHS = {
 }
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}  # each split draws its own marked images and positions
 Marker = Callable[..., tuple[Tensor, Tensor]]  # (config, channels, colour, generator) -> (values, mask)
-MARKERS: Registry[Marker] = Registry("marker")  # type: ignore[type-var]
+MARKERS: Registry[Marker] = Registry("marker")
 
 
 @dataclass(frozen=True)

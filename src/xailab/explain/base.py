@@ -155,7 +155,7 @@ class MethodSpec:
         return self.reduce(params) if callable(self.reduce) else self.reduce
 
 
-METHODS: Registry[MethodSpec] = Registry("method")  # type: ignore[type-var]
+METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(

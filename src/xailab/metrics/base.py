@@ -48,7 +48,7 @@ class MetricSpec:
         return param in inspect.signature(self.fn).parameters
 
 
-METRICS: Registry[MetricSpec] = Registry("metric")  # type: ignore[type-var]
+METRICS: Registry[MetricSpec] = Registry("metric")
 
 
 def register_metric(name: str, better: Direction, needs_method: bool = False, description: str = ""):

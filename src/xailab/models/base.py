@@ -28,7 +28,7 @@ class ModelSpec:
     description: str = ""
 
 
-MODELS: Registry[ModelSpec] = Registry("model")  # type: ignore[type-var]
+MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(name: str, input_size: tuple[int, int] = (32, 32), description: str = ""):
