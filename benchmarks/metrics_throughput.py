@@ -3,9 +3,10 @@
 
 For each metric: seconds per explained image of ``xailab.evaluate_explanations`` and of each peer, the
 speed-up, the max |difference| of the per-image values, and xailab's time divided by the time of the bare
-passes the metric cannot avoid (its limit: the perturbed copies' ``no_grad`` forward passes, or the
-forward+backward passes of re-explaining with saliency, each at the fastest of a few batch sizes, measured on
-the same model in the same run). Peers run fp32 NCHW, as they do by default; xailab runs fp32 too.
+passes the metric cannot avoid, in two modes: exact (``XAILAB_AUTOTUNE=0``, the fixed chunk rule) and
+autotuned (chunk sizes measured fastest for the model by ``xailab.autotune``, cached). The limit: the
+perturbed copies' ``no_grad`` forward passes, or the forward+backward passes of re-explaining with saliency, each at the fastest of a few batch sizes, measured on
+the same model in the same run. Peers run fp32 NCHW, as they do by default; xailab runs fp32 too.
 
 Settings (identical for both; where a peer draws random numbers, its draw is replayed and handed to
 xailab, as in ``tests/test_quality_parity_quantus.py``):
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import platform
 import time
 import traceback
@@ -62,6 +64,20 @@ N_SENS, RADIUS = 10, 0.2
 N_INFID, NOISE_STD = 32, 0.1
 
 
+@contextlib.contextmanager
+def autotuning(value: str):
+    """``XAILAB_AUTOTUNE=value`` for the block (``1``: chunk sizes measured per model; ``0``: the fixed rule)."""
+    previous = os.environ.get("XAILAB_AUTOTUNE")
+    os.environ["XAILAB_AUTOTUNE"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("XAILAB_AUTOTUNE")
+        else:
+            os.environ["XAILAB_AUTOTUNE"] = previous
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     """Seconds of one call of ``fn`` (after nothing: each metric is long enough) and its result."""
     start = time.perf_counter()
@@ -71,7 +87,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> tuple[float, float]:
     """Images/s of bare ``no_grad`` forward passes and of forward+backward of the target logits on copies of
-    ``x``: the fastest of batches 64, 256 and 512 (a CPU is not always fastest at the largest), the best of 3
+    ``x``: the fastest of batches 16 to 512 (a CPU is not always fastest at the largest), the best of 3
     rounds after a warm-up each."""
 
     def rate(batch: int, grad: bool) -> float:
@@ -89,8 +105,8 @@ def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> tuple[float, floa
         once()
         return batch / min(timed(once)[0] for _ in range(3))
 
-    forward = max(rate(batch, False) for batch in (64, 256, 512))
-    backward = max(rate(batch, True) for batch in (64, 256))
+    forward = max(rate(batch, False) for batch in (16, 32, 64, 256, 512))
+    backward = max(rate(batch, True) for batch in (16, 64, 256))
     model.zero_grad(set_to_none=True)
     return forward, backward
 
@@ -284,26 +300,32 @@ def bench_model(model_name: str, args) -> None:
               lambda v: np.asarray([v[p] for p in PERCENTAGES]))],
             b * len(PERCENTAGES), 0,
         )  # fmt: skip
-    print("| metric | xailab s/img | peer s/img | speed-up | max abs diff | xailab / limit |")
+    print("| metric | xailab s/img (exact / autotuned) | peer s/img | peer time / xailab time (exact / "
+          "autotuned) | max abs diff | xailab / limit (exact / autotuned) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|")
     for metric, (fn_ours, peers, fwd_images, fb_images) in cases.items():
         if args.metrics and metric.split(" ")[0] not in args.metrics:
             continue
-        seconds, value = timed(fn_ours)
+        with autotuning("0"):  # exact mode: the fixed chunk rule
+            seconds, value = timed(fn_ours)
+        with autotuning("1"):  # autotuned: the chunks measured fastest for this model (cached)
+            fn_ours()  # tunes on the first metric, then reads the cache
+            tuned_seconds, _ = timed(fn_ours)
         if metric == "model_randomisation":
             value = value.spearman.numpy()
         elif metric.startswith("road"):
             value = value.mean(0)
         limit = fwd_images / fwd_rate + fb_images / fb_rate
-        ratio = f"{seconds / limit:.2f}x" if limit > 0 else "n/a"
+        ratio = f"{seconds / limit:.2f}x / {tuned_seconds / limit:.2f}x" if limit > 0 else "n/a"
         for peer_name, peer, to_values in peers:
             try:
                 peer_seconds, peer_value = timed(peer)
                 diff = "n/a (other definition)"
                 if to_values is not None:
                     diff = f"{np.nanmax(np.abs(np.asarray(to_values(peer_value), dtype=float) - value)):.2g}"
-                print(f"| {metric} vs {peer_name} | {seconds / b:.4f} | {peer_seconds / b:.4f} | "
-                      f"{peer_seconds / seconds:.1f}x | {diff} | {ratio} |")  # fmt: skip
+                print(f"| {metric} vs {peer_name} | {seconds / b:.4f} / {tuned_seconds / b:.4f} | "
+                      f"{peer_seconds / b:.4f} | {peer_seconds / seconds:.1f}x / {peer_seconds / tuned_seconds:.1f}x "
+                      f"| {diff} | {ratio} |")  # fmt: skip
             except Exception as e:  # a failing peer is reported, not fatal
                 traceback.print_exc(limit=1)
                 print(
