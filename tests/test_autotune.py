@@ -325,3 +325,9 @@ def test_a_compiled_step_is_chosen_only_when_training_compiles():
     )  # as eager
     cpu_only = autotune.Tuning("k", {}, {"train_step": {eager: 1.0, Config("bf16", True, 32): 0.4}})
     assert cpu_only.best("train_step", compile=True) == Config("bf16", True, 32)
+
+
+def test_tuning_from_a_no_grad_caller_still_times_gradient_passes(cache):
+    with torch.no_grad():
+        tuning = tune(Tiny(), (1, 8, 8), passes=("input_grad", "train_step"), budget_s=0.1, train_batch=4)
+    assert set(tuning.choices) == {"input_grad", "train_step"}

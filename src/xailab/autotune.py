@@ -584,7 +584,12 @@ def tune(
 
     # Measuring must not move the global random state (dropout in timed training steps would otherwise
     # change a run depending on whether the cache already held its decision).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # Gradients on even when called from a no_grad caller (a metric choosing its chunk size).
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
         for p in passes:
             if p not in timings:
                 timings[p] = _measure_pass(bench, p, timer, train_batch, budget_s, allow_bf16)
