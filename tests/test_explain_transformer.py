@@ -263,6 +263,36 @@ def test_gradcam_on_tokens_equals_a_hand_written_reshape(layer: str | None) -> N
     assert model.cam_layer == "blocks.2.norm1"
 
 
+class GridNorm(nn.Module):
+    """A LayerNorm whose output passes through ``grid`` (an identity) as a ``[B, D, 4, 4]`` map: the reshape
+    written into the model, the way a CNN layer offers its map, for the CNN code path of every CAM."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm, self.grid = norm, nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.norm(x)
+        b, _, d = tokens.shape
+        grid = self.grid(tokens[:, 1:].transpose(1, 2).reshape(b, d, 4, 4))
+        return torch.cat([tokens[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if "cam" in m])
+def test_every_cam_on_tokens_equals_the_same_cam_on_a_map_written_into_the_model(method: str) -> None:
+    model = small_vit()
+    x = images()
+    target = torch.tensor([2, 0])
+    expected = explain(model, x, method, target=target)
+    assert (expected.flatten(1).abs().sum(1) > 0).all()
+    # the same weights, with the last block's norm1 offering its tokens as a map at "blocks.2.norm1.grid"
+    mapped = small_vit()
+    mapped.blocks[2].norm1 = GridNorm(mapped.blocks[2].norm1)
+    mapped.capabilities = frozenset({"attention"})  # no token declaration: the plain CNN path
+    maps = explain(mapped, x, method, target=target, layer="blocks.2.norm1.grid")
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", CAM_METHODS)
 def test_cams_on_tokens_change_with_the_chosen_block_and_leave_no_hook(method: str) -> None:
     model = small_vit()
