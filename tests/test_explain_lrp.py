@@ -208,10 +208,12 @@ def dense(
 
 
 def two_layer() -> nn.Module:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    """The dense layer ``W1`` as a 2x2 convolution over a 2x2 one-channel image (so the model is a
+    convolutional one, which LRP is offered for), ReLU, then the dense layer ``W2``."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(3, 2)).double()
     with torch.no_grad():
-        model[1].weight.copy_(torch.from_numpy(W1))
-        model[1].bias.copy_(torch.from_numpy(B1))
+        model[0].weight.copy_(torch.from_numpy(W1).view(3, 1, 2, 2))
+        model[0].bias.copy_(torch.from_numpy(B1))
         model[3].weight.copy_(torch.from_numpy(W2))
         model[3].bias.copy_(torch.from_numpy(B2))
     return model.float().eval()
@@ -237,9 +239,9 @@ def test_two_layer_example_matches_the_formula_by_hand(rule):
     model = two_layer()
     x = torch.tensor(X, dtype=torch.float32).view(1, 1, 2, 2)
     if rule in INPUT_RULES:  # an input rule at the first layer, LRP-0 above it
-        mapping, first_rule, top_rule = {"1": INPUT_RULES[rule], "3": Zero()}, rule, "zero"
+        mapping, first_rule, top_rule = {"0": INPUT_RULES[rule], "3": Zero()}, rule, "zero"
     else:
-        mapping, first_rule, top_rule = {"1": HAND_RULES[rule], "3": HAND_RULES[rule]}, rule, rule
+        mapping, first_rule, top_rule = {"0": HAND_RULES[rule], "3": HAND_RULES[rule]}, rule, rule
     hidden = np.maximum(W1 @ X + B1, 0)
     logit = W2[0] @ hidden + B2[0]
     r_hidden = dense(top_rule, hidden, W2, B2, np.array([logit, 0.0]))

@@ -209,12 +209,14 @@ def merge_norm(layer: nn.Module, norm: nn.Module, where: str) -> None:
 
 
 def canonical_copy(model: nn.Module, found: Probe) -> nn.Module:
-    """A deep copy of ``model`` in eval mode with ``found``'s batch norms merged, no parameter requiring
-    grad, and no instance-level ``forward`` (``explain``'s autocast wrapper calls the original model)."""
-    twin = copy.deepcopy(model)
+    """A copy of ``model``'s modules (sharing its parameters and buffers) in eval mode with ``found``'s batch
+    norms merged, and no instance-level ``forward`` (``explain``'s autocast wrapper calls the original model)."""
+    # the copy's modules are new, its tensors the model's own (copying DenseNet-169's weights took longer
+    # than explaining a batch): nothing below changes a tensor in place, merged layers get new parameters
+    memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    twin = copy.deepcopy(model, memo)
     vars(twin).pop("forward", None)
     twin.eval()
-    twin.requires_grad_(False)
     for layer_path, norm_path, where in found.merges:
         merge_norm(twin.get_submodule(layer_path), twin.get_submodule(norm_path), where)
         replace_module(twin, norm_path, nn.Identity())
