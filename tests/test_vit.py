@@ -13,7 +13,7 @@ from xailab.errors import ConfigError
 from xailab.explain import explain
 from xailab.metrics import evaluate_explanations
 from xailab.metrics.randomisation import model_randomisation, randomisable_layers
-from xailab.models import count_parameters, create_model, list_models, model_input_size
+from xailab.models import count_macs, count_parameters, create_model, list_models, model_input_size
 from xailab.models.vit import ViT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -48,6 +48,16 @@ def test_vit_tiny_is_registered_for_32x32_and_counts_deit_tiny_parameters() -> N
     model = create_model("vit_tiny", 3, 10, patch_size=8, depth=6, width=96, heads=4, image_size=64)
     assert count_parameters(model) == vit_params(3, 10, 96, 6, 8, 64)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_vit_tiny_macs_by_hand() -> None:
+    # patch projection on N = 64 patches; per block on T = 65 tokens: qkv, q k^T and A v (T x T x D each),
+    # output projection, MLP 4x; head on the class token. (With fused_attention=True torch's FlopCounterMode
+    # does not see the CPU kernel of scaled_dot_product_attention: 2 T^2 D per block fewer.)
+    n, t, d, c, k = 64, 65, 192, 3, 10
+    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * 4 * d
+    expected = n * c * 16 * d + 12 * per_block + d * k
+    assert count_macs(create_model("vit_tiny", c, k), (32, 32), c) == expected == 365_107_584
 
 
 def test_declares_what_explanation_methods_need() -> None:
