@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ BATCH_MD5 = {
 }
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGES_PER_BATCH = 10_000
+# The image-folder copy (train/<class>/*.jpg, test/<class>/*.jpg) used when no batch files or archive exist,
+# looked for next to the default folder: <data_dir>/cifar10-jpeg.
+JPEG_COPY_FOLDER = "cifar10-jpeg"
+LOSSY_NOTE = (
+    "CIFAR-10 (JPEG copy) read from {folder}: no canonical batch files or archive were found, so the image-folder "
+    "copy is used. It is lossy (JPEG re-encoded, about 30 dB PSNR from the canonical pixels): results are not "
+    "directly comparable with published CIFAR-10 figures."
+)
 
 # The only globals a pickled numpy array needs. Anything else (os.system, builtins.eval, ...) is refused,
 # so a tampered batch file cannot execute code while it is read.
@@ -86,7 +95,7 @@ def _unpickle(path: Path) -> Any:
     except Exception as exc:  # any unpickling failure means a corrupt or foreign file
         raise DatasetError(
             f"cifar10: {path} is not a readable CIFAR batch file ({type(exc).__name__}: {exc}). "
-            "Replace it with the official file (or delete it and run with --download)."
+            "Replace it with the official file (or delete it and run with --dataset-option download=true)."
         ) from None
 
 
@@ -164,21 +173,57 @@ def locate_batches(request: LoadRequest) -> Path:
     folder = _batch_folder(root)
     if not _has_batches(folder):
         raise DatasetError(
-            f"cifar10: {archive} holds no CIFAR batch files. Delete it and run with --download."
+            f"cifar10: {archive} holds no CIFAR batch files. Delete it and run with "
+            "--dataset-option download=true."
         )
     return folder
 
 
+def find_image_copy(root: Path) -> Path | None:
+    """The CIFAR-10 image-folder copy to read instead of the batches: ``root`` itself when it is a
+    ``train/``+``test/`` tree, else ``<root's parent>/cifar10-jpeg`` when that is one; None otherwise."""
+    for candidate in (root, root.parent / JPEG_COPY_FOLDER):
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    return None
+
+
+def load_image_copy(folder: Path, request: LoadRequest) -> Dataset:
+    """CIFAR-10 from an image-folder copy: ``[N, 32, 32, 3]`` per split (classes must be CIFAR-10's, which sort
+    into the canonical label order), the canonical augmentation, and a lossy-copy warning in ``notes``."""
+    from xailab.data.folders import load_tree  # the folder decoder and its cache
+
+    note = LOSSY_NOTE.format(folder=folder)
+    warnings.warn(note, UserWarning, stacklevel=3)
+    dataset = load_tree("cifar10", replace(request, root=folder), expected_classes=CLASSES)
+    return replace(
+        dataset,
+        augment=Augment(crop_padding=4, hflip=True),
+        notes=(note, *(n for n in dataset.notes if "JPEG" not in n)),
+    )
+
+
 @register_dataset("cifar10", "cifar10", "CIFAR-10 objects, 32x32 RGB, 50k/10k (canonical python batches)")
 def load_cifar10(request: LoadRequest) -> Dataset:
-    """CIFAR-10: train ``[<=50000, 32, 32, 3]``, test ``[10000, 32, 32, 3]``; partial copies load with a warning."""
+    """CIFAR-10: train ``[<=50000, 32, 32, 3]``, test ``[10000, 32, 32, 3]``; partial copies load with a warning.
+
+    Without batch files or the archive (and without ``download``), the image-folder copy
+    ``<data_dir>/cifar10-jpeg`` (or a ``train/``+``test/`` tree at the root itself) is read, with a warning
+    that it is lossy; the warning is also in the dataset's ``notes`` and so in every run's metadata.
+    """
+    root = request.root
+    if not _has_batches(_batch_folder(root)) and not (root / ARCHIVE).is_file() and not request.download:
+        copy = find_image_copy(root)
+        if copy is not None:
+            return load_image_copy(copy, request)
     folder = locate_batches(request)
     train_names = [b for b in TRAIN_BATCHES if (folder / b).is_file()]
     if not train_names or not (folder / TEST_BATCH).is_file():
         missing = [b for b in (*TRAIN_BATCHES, TEST_BATCH) if not (folder / b).is_file()]
         raise DatasetError(
             f"cifar10: {folder} lacks {', '.join(missing)}; at least one data_batch_* and test_batch are "
-            f"needed. Copy them from {ARCHIVE} ({URLS[0]}) or run with --download in an empty folder."
+            f"needed. Copy them from {ARCHIVE} ({URLS[0]}) or run with --dataset-option download=true in "
+            "an empty folder."
         )
     train = _concat([batch_to_imageset(read_batch(folder / b), folder / b) for b in train_names])
     test = batch_to_imageset(read_batch(folder / TEST_BATCH), folder / TEST_BATCH)

@@ -2,14 +2,17 @@
 
 ``mobilenetv2_imagenet`` and ``densenet169`` use torchvision's parameter and buffer names, so torchvision's
 published ``.pth`` files load without conversion (torchvision itself is not needed). ``pretrained`` is
-``True`` (torchvision's file in the torch hub cache), a path to a ``.pth``/``.safetensors`` state_dict, a
-folder holding torchvision's file, or ``False`` (random init). ``num_classes=0`` drops the classifier and
+``True`` (torchvision's file in the torch hub cache), ``"auto"`` (that file when it is there, else random init
+with a warning: what an offline study uses), a path to a ``.pth``/``.safetensors`` state_dict (torchvision's,
+or an xailab run's ``model.safetensors`` of the same architecture), a folder holding torchvision's file, or
+``False`` (random init). ``num_classes=0`` drops the classifier and
 makes ``forward`` return the pooled features.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -262,6 +265,21 @@ def load_imagenet_weights(model: MobileNetV2 | DenseNet169, pretrained: Pretrain
     if pretrained is False:
         model.weights_source = "random"
         return
+    if pretrained == "auto":
+        candidates = [d / filename for d in hub_checkpoint_dirs()]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            # offline: train from scratch rather than fail, and say so (the run's weights_source records it)
+            warnings.warn(
+                f"{type(model).__name__}: ImageNet weights {filename} not found (looked in "
+                f"{', '.join(str(d) for d in hub_checkpoint_dirs())}); training from scratch (random init). "
+                f"Download {DOWNLOAD_URL.format(filename)} there to use the ImageNet variant.",
+                UserWarning,
+                stacklevel=3,
+            )
+            model.weights_source = "random (ImageNet weights absent)"
+            return
+        pretrained = found
     if pretrained is True:
         candidates = [d / filename for d in hub_checkpoint_dirs()]
         path = next((p for p in candidates if p.is_file()), None)
@@ -315,7 +333,9 @@ class TransferEnsemble(nn.Module):
     sigmoid unit ``z`` (``head="sigmoid"``, two classes), returned as logits ``[0, z]`` so that
     ``softmax(logits)[:, 1] == sigmoid(z)`` and the ``[B, K]`` contract holds.
 
-    ``[B, C, 224, 224] -> [B, K]``. The backbones stay in eval mode (ImageNet BN statistics) in ``train()``.
+    ``[B, C, 224, 224] -> [B, K]``. Frozen backbones stay in eval mode (ImageNet BN statistics) in ``train()``.
+    ``freeze``: True freezes the backbones, False trains them end to end; None (default) freezes them exactly
+    when both hold pretrained weights, so an offline (random-init) ensemble learns its features.
     Grad-CAM layer: DenseNet-169's ``features.norm5`` (7x7), the last spatial map of the backbone that
     contributes most features (1664 of 2944); both backbones end at 7x7, and one layer must be chosen.
     Since the backbones are frozen, gradients reach that layer only when the input requires grad.
@@ -324,7 +344,12 @@ class TransferEnsemble(nn.Module):
     cam_layer = "densenet.features.norm5"
 
     def __init__(
-        self, in_channels: int = 3, num_classes: int = 2, head: str = "softmax", pretrained: Pretrained = True
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        head: str = "softmax",
+        pretrained: Pretrained = True,
+        freeze: bool | None = None,
     ) -> None:
         super().__init__()
         if head not in ("softmax", "sigmoid"):
@@ -338,8 +363,11 @@ class TransferEnsemble(nn.Module):
         self.head_type = head
         self.mobilenet = mobilenetv2_imagenet(in_channels, num_classes=0, pretrained=pretrained)
         self.densenet = densenet169(in_channels, num_classes=0, pretrained=pretrained)
+        if freeze is None:
+            freeze = not any(m.weights_source.startswith("random") for m in (self.mobilenet, self.densenet))
+        self.frozen = freeze
         for p in [*self.mobilenet.parameters(), *self.densenet.parameters()]:
-            p.requires_grad_(False)
+            p.requires_grad_(not freeze)
         self.weights_source = f"mobilenetv2_imagenet={self.mobilenet.weights_source}; densenet169={self.densenet.weights_source}"
         width = MobileNetV2.num_features + DenseNet169.num_features
         self.head = nn.Sequential(
@@ -357,9 +385,10 @@ class TransferEnsemble(nn.Module):
 
     def train(self, mode: bool = True) -> TransferEnsemble:
         super().train(mode)
-        # frozen feature extractors keep their ImageNet BN statistics instead of drifting to the batch's
-        self.mobilenet.eval()
-        self.densenet.eval()
+        if self.frozen:
+            # frozen feature extractors keep their ImageNet BN statistics instead of drifting to the batch's
+            self.mobilenet.eval()
+            self.densenet.eval()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -372,7 +401,12 @@ class TransferEnsemble(nn.Module):
 
 @register_model("transfer_ensemble", input_size=(224, 224))
 def transfer_ensemble(
-    in_channels: int = 3, num_classes: int = 2, head: str = "softmax", pretrained: Pretrained = True
+    in_channels: int = 3,
+    num_classes: int = 2,
+    head: str = "softmax",
+    pretrained: Pretrained = True,
+    freeze: bool | None = None,
 ) -> TransferEnsemble:
-    """Frozen MobileNetV2 + DenseNet-169 features -> dense head (chest X-ray seed), 224x224."""
-    return TransferEnsemble(in_channels, num_classes, head, pretrained)
+    """MobileNetV2 + DenseNet-169 features -> dense head (chest X-ray seed), 224x224; backbones frozen when
+    pretrained."""
+    return TransferEnsemble(in_channels, num_classes, head, pretrained, freeze)

@@ -88,6 +88,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     info: dict[str, Any],
     rng: dict[str, Tensor],
+    extra: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint.safetensors``: everything needed to resume exactly, in one atomic file.
 
@@ -97,14 +98,22 @@ def save_checkpoint(
     tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim = _split_state("optimizer", optimizer.state_dict(), tensors)
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
-    meta = {**info, "optimizer": optim, "rng": sorted(rng)}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})  # e.g. the EMA of the weights
+    meta = {**info, "optimizer": optim, "rng": sorted(rng), "extra": sorted(extra or {})}
     return save_tensors(run_dir / "checkpoint.safetensors", tensors, metadata={"xailab": json.dumps(meta)})
 
 
 def load_checkpoint(
-    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Restore model and optimizer from ``run_dir/checkpoint.safetensors``; returns (info, RNG states)."""
+    """Restore model and optimizer from ``run_dir/checkpoint.safetensors``; returns (info, RNG states).
+
+    ``extra``: tensors saved with ``save_checkpoint(..., extra=...)`` are copied into these, in place; a
+    checkpoint without one of them raises (it was written by another recipe).
+    """
     path = run_dir / "checkpoint.safetensors"
     if not path.is_file():
         raise CheckpointError(
@@ -125,4 +134,9 @@ def load_checkpoint(
     optim["state"] = {int(k): v for k, v in optim["state"].items()}
     optimizer.load_state_dict(optim)
     rng = {k: tensors[f"rng.{k}"] for k in info.pop("rng")}
+    saved_extra = info.pop("extra", [])
+    for k, v in (extra or {}).items():
+        if k not in saved_extra:
+            raise CheckpointError(f"{path} lacks the saved state {k!r}; it was written by another recipe")
+        v.copy_(tensors[f"extra.{k}"])
     return info, rng

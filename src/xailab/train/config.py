@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from xailab.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, bounded, check_bounds, from_dict, to_dict
+from xailab.train.recipes import apply_recipe
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,16 @@ class TrainConfig:
     label_smoothing: float = bounded(
         0.0, low=0, high=1, high_open=True, help="label smoothing of the cross-entropy"
     )
+    ema_decay: float = bounded(
+        0.0, low=0, high=1, high_open=True, help="EMA of the weights, kept when better on validation (0: off)"
+    )
+    tta: Literal["none", "flip"] = bounded(
+        "none", help="test-time augmentation of evaluation: flip averages each image with its mirror"
+    )
+    recipe: str = bounded(
+        "none",
+        help="defaults for the keys not given: auto (by the dataset's kind), digits, natural, xray or none",
+    )
     early_stopping: int = bounded(0, low=0, help="stop after this many epochs without improvement (0: off)")
     monitor: Literal["val_loss", "val_accuracy"] = bounded("val_loss", help="what picks the best weights")
     val_fraction: float = bounded(
@@ -94,8 +105,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Validate and build from a plain dict (e.g. a parsed YAML/TOML file)."""
-        return from_dict(cls, data, where="train")
+        """Validate and build from a plain dict (e.g. a parsed YAML/TOML file, CLI flags, a study's cell).
+
+        The keys ``data`` lacks are filled from its recipe (``recipe``, default ``auto``: the dataset's kind,
+        see ``xailab.train.recipes``) before the dataclass defaults apply; given keys always win.
+        """
+        return from_dict(cls, apply_recipe(data), where="train")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

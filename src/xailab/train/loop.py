@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xailab import autotune
 from xailab.data import Dataset, ImageSet, load_dataset, stratified_split
 from xailab.data.transforms import augment_batch, to_model_input
 from xailab.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -34,6 +35,7 @@ from xailab.train import distributed
 from xailab.train.callbacks import ProgressBar, call
 from xailab.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from xailab.train.config import TrainConfig
+from xailab.train.ema import WeightEMA, flip_tta
 from xailab.train.metrics import classification_metrics, predictions_csv
 from xailab.train.runs import DatasetInfo, ModelInfo, Run, RunMeta, SplitSizes
 from xailab.train.schedules import Plateau, lr_factor
@@ -79,13 +81,33 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def resolve_precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+def resolve_precision(
+    config: TrainConfig,
+    device: torch.device,
+    model: nn.Module | None = None,
+    input_shape: Sequence[int] | None = None,
+    batch: int = 32,
+) -> tuple[torch.dtype | None, bool]:
     """The autocast dtype (None: fp32) and whether to use channels_last memory, for ``config`` on ``device``.
 
-    The one place training chooses them (an autotuner may route this choice through its measurements).
-    channels_last pays off where convolutions run on tensor cores or bf16 units; on an AVX2 CPU it measured
-    no faster (docs/benchmarks.md), and its BatchNorm is slower.
+    The one place training chooses them. Given the ``model`` and its ``input_shape`` ``[..., C, H, W]``,
+    what ``config`` leaves free (``precision=auto``, ``channels_last`` unset) is the fastest training step
+    measured by ``xailab.autotune`` (at ``batch`` images, cached per machine); explicit settings win.
+    Without a model, or with ``XAILAB_AUTOTUNE=0``, the fixed rule: bf16 where ``bf16_is_fast``, and
+    channels_last where convolutions run on tensor cores or bf16 units (on an AVX2 CPU it measured no
+    faster, docs/benchmarks.md, and its BatchNorm is slower).
     """
+    if model is not None and input_shape is not None:
+        precision, channels_last = autotune.train_settings(
+            model,
+            input_shape,
+            device,
+            config.precision,
+            config.channels_last,
+            compile=config.compile,
+            tune_options={"train_batch": min(batch, 32)},
+        )
+        return (torch.bfloat16 if precision == "bf16" else None), channels_last
     dtype = autocast_dtype(config.precision, device)
     if config.channels_last is not None:
         return dtype, config.channels_last
@@ -123,8 +145,12 @@ def predict_logits(
     batch_size: int = 512,
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
+    tta: str = "none",
 ) -> Tensor:
-    """Logits ``[N, K]`` (float32, on the model's device) for uint8 images ``[N, H, W, C]``, in eval mode."""
+    """Logits ``[N, K]`` (float32, on the model's device) for uint8 images ``[N, H, W, C]``, in eval mode.
+
+    ``tta="flip"`` averages each image's logits with its mirror image's (``xailab.train.ema.flip_tta``).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -137,7 +163,7 @@ def predict_logits(
             if not channels_last:
                 x = x.contiguous()
             with autocast(device, dtype):
-                out.append(model(x).float())
+                out.append(flip_tta(model, x) if tta == "flip" else model(x).float())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -325,6 +351,7 @@ class Trainer:
     batch: int
     steps_per_epoch: int
     meta: RunMeta
+    ema: WeightEMA | None = None  # the EMA of the weights (config.ema_decay > 0)
 
     @classmethod
     def setup(
@@ -332,7 +359,6 @@ class Trainer:
     ) -> Trainer:
         """Load and split the data, build the model and optimiser, and describe the run (``RunMeta``)."""
         device = distributed.rank_device(resolve_device(config.device), ctx)
-        dtype, channels_last = resolve_precision(config, device)
         torch.manual_seed(config.seed)  # model initialisation and dropout
         # Data order and augmentation draw on the training device, so no host->device copy waits per step.
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -357,6 +383,9 @@ class Trainer:
 
         options = {**size_options(config.model, dataset.image_size), **config.model_options}
         model = create_model(config.model, in_channels=dataset.channels, num_classes=k, **options)
+        # Several processes would time each other: under DDP the fixed rule decides.
+        shape = None if ctx.is_distributed else (dataset.channels, *dataset.image_size)
+        dtype, channels_last = resolve_precision(config, device, model, shape, config.batch_size)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack it
         optimizer = _optimizer(config, [p for p in model.parameters() if p.requires_grad])
@@ -386,6 +415,7 @@ class Trainer:
             batch=batch,
             steps_per_epoch=len(train_set) // batch,  # drop the ragged last batch: BatchNorm needs > 1 sample
             meta=meta,
+            ema=WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None,
         )
 
     @property
@@ -405,7 +435,10 @@ class Trainer:
             created=self.meta.created,
         )
         if resume and (self.run_dir / "checkpoint.safetensors").is_file():
-            info, rng = load_checkpoint(self.run_dir, self.model, self.optimizer)
+            extra = self.ema.state_tensors() if self.ema is not None else None
+            info, rng = load_checkpoint(self.run_dir, self.model, self.optimizer, extra)
+            if self.ema is not None and extra is not None:
+                self.ema.load_state_tensors(extra)
             if info["config_hash"] != self.meta.config_hash:
                 raise CheckpointError(
                     f"{self.run_dir} was trained with another recipe (config hash {info['config_hash']} "
@@ -484,6 +517,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
             sums[0] += loss.detach() * yb.shape[0]
             sums[1] += (logits.detach().argmax(1) == yb).sum()
             if i == 0:
@@ -510,6 +545,14 @@ class Trainer:
         if self.val_set is not None:
             logits_val = self.logits(self.val_set.images)
             row["val_loss"], row["val_accuracy"] = _loss_and_accuracy(logits_val, self.val_set.labels)
+            if self.ema is not None:
+                # the averaged weights are judged by the same validation; the better of the two is kept
+                with self.ema.swapped_in(self.model):
+                    ema_val = _loss_and_accuracy(self.logits(self.val_set.images), self.val_set.labels)
+                ema_row = {**row, "val_loss": ema_val[0], "val_accuracy": ema_val[1]}
+                row["weights"] = "raw"
+                if is_better(self.monitored(ema_row), self.monitored(row), self.mode):
+                    row.update(val_loss=ema_val[0], val_accuracy=ema_val[1], weights="ema")
         return row
 
     def check_divergence(self, state: TrainState, train_loss: float) -> None:
@@ -544,14 +587,20 @@ class Trainer:
         if is_better(monitored, state.best, self.mode):
             state.best, state.bad_epochs = monitored, 0
             if self.ctx.is_main:
-                save_weights(self.run_dir / "model.safetensors", self.model)
+                if row.get("weights") == "ema" and self.ema is not None:
+                    with self.ema.swapped_in(self.model):
+                        save_weights(self.run_dir / "model.safetensors", self.model)
+                else:
+                    save_weights(self.run_dir / "model.safetensors", self.model)
         else:
             state.bad_epochs += 1
         rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ctx.is_main:  # the state is global (same weights, optimiser and generator on every rank)
-            save_checkpoint(self.run_dir, self.model, self.optimizer, state.info(self.meta.config_hash), rng)
+            extra = self.ema.state_tensors() if self.ema is not None else None
+            info = state.info(self.meta.config_hash)
+            save_checkpoint(self.run_dir, self.model, self.optimizer, info, rng, extra)
             _write_history(self.run_dir, state.history)
         distributed.barrier(self.ctx)  # the others read model.safetensors at the end
 
@@ -573,6 +622,7 @@ class Trainer:
             self.config.eval_batch_size,
             self.dtype,
             self.channels_last,
+            self.config.tta,
         )
         return distributed.gather_shards(local, images.shape[0], self.ctx)
 

@@ -1,0 +1,185 @@
+"""The seed studies run on the shared data as it is: CIFAR-10 from its JPEG copy (with a lossy warning), the chest
+X-ray models offline (from scratch when ImageNet weights are absent), the Keras seed's out.csv, the run configs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xailab.data import load_dataset
+from xailab.data.cifar import CLASSES
+from xailab.models import create_model
+from xailab.models import imagenet as imagenet_models
+from xailab.study import load_study, run_study, spec_from_dict
+from xailab.study.seed_outputs import OUT_CSV_COLUMNS, write_out_csv
+from xailab.study.spec import read_study
+from xailab.train.metrics import predictions_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------------------------------------
+# CIFAR-10: the image-folder copy when the canonical files are missing
+# --------------------------------------------------------------------------------------------------------
+
+
+def fake_cifar_jpeg(root: Path, per_class: dict[str, int]) -> dict[str, list[int]]:
+    """A tiny ``cifar10-jpeg`` tree: per split, ``per_class[split]`` 32x32 JPEGs per class, each class a flat
+    colour (its index x 25), so a decoded image tells its label; returns the labels per split in file order."""
+    labels: dict[str, list[int]] = {}
+    for split, n in per_class.items():
+        labels[split] = []
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((32, 32, 3), c * 25, np.uint8)).save(
+                    folder / f"{i:04d}.jpg", quality=75
+                )
+                labels[split].append(c)
+    return labels
+
+
+def test_cifar10_falls_back_to_the_jpeg_copy_with_a_lossy_warning(tmp_path):
+    data_dir = tmp_path / "datasets"
+    fake_cifar_jpeg(data_dir / "cifar10-jpeg", {"train": 3, "test": 2})
+    with pytest.warns(UserWarning, match="lossy"):
+        dataset = load_dataset("cifar10", data_dir=data_dir, cache_dir=tmp_path / "cache")
+    assert dataset.class_names == CLASSES
+    assert tuple(dataset["train"].images.shape) == (30, 32, 32, 3)
+    assert tuple(dataset["test"].images.shape) == (20, 32, 32, 3)
+    # each image's colour is its class index x 25 (JPEG keeps a flat colour within a level or two)
+    for split in ("train", "test"):
+        colour = dataset[split].images.float().mean(dim=(1, 2, 3))
+        torch.testing.assert_close(colour / 25, dataset[split].labels.float(), atol=0.1, rtol=0)
+    assert any("lossy" in note and "cifar10-jpeg" in note for note in dataset.notes)
+    assert dataset.augment.hflip and dataset.augment.crop_padding == 4
+
+
+def test_cifar10_reads_a_jpeg_tree_given_as_its_root(tmp_path):
+    fake_cifar_jpeg(tmp_path / "copy", {"train": 1, "test": 1})
+    with pytest.warns(UserWarning, match="lossy"):
+        dataset = load_dataset("cifar10", root=tmp_path / "copy", cache_dir=tmp_path / "cache")
+    assert len(dataset["train"]) == 10
+
+
+def test_a_cifar10_run_records_the_lossy_note(tmp_path):
+    from xailab.train import TrainConfig, train
+
+    data_dir = tmp_path / "datasets"
+    fake_cifar_jpeg(data_dir / "cifar10-jpeg", {"train": 4, "test": 1})
+    with pytest.warns(UserWarning, match="lossy"):
+        dataset = load_dataset("cifar10", data_dir=data_dir, cache_dir=tmp_path / "cache")
+    config = TrainConfig.from_dict(
+        {"model": "keras_cnn", "dataset": "cifar10", "epochs": 1, "batch_size": 8, "val_fraction": 0.25}
+    )
+    run = train(config, out_dir=tmp_path / "runs", dataset=dataset, progress=False)
+    notes = __import__("json").loads((run.path / "config.json").read_text())["dataset"]["notes"]
+    assert any("lossy" in n for n in notes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chest X-ray offline
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub checkpoint folder standing in for every place ImageNet weights are looked for."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    monkeypatch.setattr(imagenet_models, "hub_checkpoint_dirs", lambda: [folder])
+    return folder
+
+
+def test_imagenet_models_train_from_scratch_offline_and_say_so(hub_dir):
+    with pytest.warns(UserWarning, match="not found.*training from scratch"):
+        model = create_model("mobilenetv2_imagenet", 3, 2, pretrained="auto")
+    assert model.weights_source == "random (ImageNet weights absent)"
+    with pytest.raises(Exception, match="ImageNet weights not found"):
+        create_model("mobilenetv2_imagenet", 3, 2, pretrained=True)  # an explicit request still fails
+
+
+def test_the_offline_ensemble_trains_its_backbones(hub_dir):
+    with pytest.warns(UserWarning, match="training from scratch"):
+        ensemble = create_model("transfer_ensemble", 1, 2, pretrained="auto")
+    assert not ensemble.frozen
+    assert all(p.requires_grad for p in ensemble.mobilenet.parameters())
+    ensemble.train()
+    assert ensemble.densenet.training and ensemble.mobilenet.training  # BN learns the X-ray statistics
+
+
+def test_the_imagenet_variant_is_used_when_its_weights_are_present(hub_dir):
+    source = create_model("mobilenetv2_imagenet", 3, 1000, pretrained=False)
+    torch.save(source.state_dict(), hub_dir / imagenet_models.MOBILENET_V2_FILE)
+    model = create_model("mobilenetv2_imagenet", 3, 2, pretrained="auto")
+    assert model.weights_source == f"imagenet:{hub_dir / imagenet_models.MOBILENET_V2_FILE}"
+    torch.testing.assert_close(model.features[0][0].weight, source.features[0][0].weight)
+
+
+def test_the_chest_xray_study_falls_back_offline():
+    spec = load_study("chest-xray")
+    assert all(spec.model_options[m]["pretrained"] == "auto" for m in spec.models)
+    offline = read_study(REPO / "configs" / "chest-xray-offline.yaml")
+    assert offline.models == ["transfer_ensemble", "mobilenetv2_imagenet", "densenet169"]
+    assert all(offline.model_options[m]["pretrained"] is False for m in offline.models)
+    assert offline.train["recipe"] == "xray"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Keras seed's out.csv, the full-run configs
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_out_csv_holds_the_seeds_columns(tmp_path):
+    logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    predictions_csv(tmp_path / "predictions.csv", logits, torch.tensor([1, 2, 2]), ("cat", "dog", "frog"))
+    with open(write_out_csv(tmp_path), newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == OUT_CSV_COLUMNS == ("id", "label")
+    assert rows[1:] == [["0", "dog"], ["1", "cat"], ["2", "frog"]]
+
+
+def test_the_kernel_stride_study_writes_out_csv_per_cell(tmp_path, single_thread):
+    assert load_study("kernel-stride").kind == "keras_seed"
+    spec = spec_from_dict(
+        {
+            "name": "ks",
+            "kind": "keras_seed",
+            "datasets": ["digits"],
+            "models": ["keras_cnn"],
+            "model_options": {"keras_cnn": {"image_size": 16, "padding": "same"}},
+            "option_grid": {"keras_cnn": {"stride": [1, 2]}},
+            "train": {"epochs": 1, "batch_size": 64, "image_size": 16},
+            "methods": ["saliency"],
+            "n_explain": 2,
+            "n_gallery": 1,
+            "n_misclassified": 0,
+        }
+    )
+    run_study(spec, out=tmp_path, progress=False)
+    for stride in (1, 2):
+        cell = tmp_path / "ks" / f"keras_cnn-stride{stride}__digits"
+        with open(cell / "out.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(cell / "predictions.csv", newline="") as f:
+            predicted = [r["predicted"] for r in csv.DictReader(f)]
+        assert [r["label"] for r in rows] == predicted
+        assert [int(r["id"]) for r in rows] == list(range(len(predicted)))
+
+
+@pytest.mark.parametrize("name", ["seed-grid-full", "chest-xray-offline"])
+def test_the_full_run_configs_validate(name):
+    from xailab.study.runner import expand_cells
+
+    spec = read_study(REPO / "configs" / f"{name}.yaml")
+    cells = expand_cells(spec)
+    assert len(cells) == len(spec.models) * len(spec.datasets)
+    if name == "seed-grid-full":
+        recipes = {c.dataset: c.config.recipe for c in cells}
+        assert recipes == {"mnist": "digits", "fashion_mnist": "natural", "cifar10": "natural"}
+        assert all(c.config.tta == "none" for c in cells if c.dataset == "mnist")
