@@ -8,6 +8,10 @@ image's minimum, is Quantus's default).
 Definitions follow the papers; where Quantus 0.6 differs, the docstring says which one is followed and
 ``tests/test_quality_parity_quantus.py`` compares like with like:
 
+- Pixels are removed in ``descending_order`` of the map; tied values (a Grad-CAM map's ReLU zeros, flat
+  borders) in the order numpy's default argsort of the negated map gives them, which is Quantus's, so pixel
+  flipping and ROAD equal Quantus also on maps with ties (on one-channel images; with C channels Quantus
+  orders the C copies of each value, see the next point).
 - Quantus flattens ``[C, H, W]`` inputs and broadcasts the map over channels, so its "features" are channel
   values: one step of ``features_in_step`` features removes ``features_in_step / C`` pixels. Here a step
   removes whole pixels (all channels); the two agree for ``features_in_step = C * pixels_per_step`` (pixel
