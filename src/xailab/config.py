@@ -184,6 +184,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{name}: expected {annotation.__name__}, got {_short(value)}")
         return value
     if origin in (list, tuple) or annotation in (list, tuple):
+        if isinstance(value, str) and origin is list and args and args[0] is str:
+            value = [value]  # one name where a list of names goes (``models: resnet18``)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{name}: expected a list, got {_short(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[int, int]
