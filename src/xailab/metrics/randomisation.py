@@ -102,14 +102,6 @@ class RandomisationResult:
         """Mean over images of the SSIM after each layer: ``[L]``."""
         return self.ssim.nanmean(1)
 
-    def as_dict(self) -> dict:
-        """A JSON-ready summary: the layers with their mean Spearman and SSIM."""
-        return {
-            "layers": self.layers,
-            "mean_spearman": self.mean_spearman.tolist(),
-            "mean_ssim": self.mean_ssim.tolist(),
-        }
-
 
 def model_randomisation(
     model: nn.Module,
