@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,8 @@ from xailab.explain.lrp.rules import (
 )
 
 Bound = float | tuple[float, ...] | Tensor | None
+# The named composites as a type, so that faces list them and a wrong name is refused before any work
+CompositeName = Literal[tuple(COMPOSITES)]  # type: ignore[valid-type]
 
 # How far the rule-carrying copy's logits may be from the model's before canonisation counts as broken
 # (a merged batch norm whose layer output is also used elsewhere): relative to the logits' scale.
@@ -103,7 +106,7 @@ def lrp(
     model: nn.Module,
     inputs: Tensor,
     target: Tensor,
-    composite: str | Mapping = "epsilon_plus_flat",
+    composite: CompositeName | Mapping = "epsilon_plus_flat",
     epsilon: float = 1e-6,
     gamma: float = 0.25,
     low: Bound = None,

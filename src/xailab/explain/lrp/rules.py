@@ -233,6 +233,10 @@ class ZBox(Rule):
         t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
         if t.ndim == 1 and x.ndim > 2:  # one value per channel
             t = t.view(1, -1, *([1] * (x.ndim - 2)))
+        elif (
+            t.ndim == 1 and x.ndim == 2 and t.numel() > 1
+        ):  # per channel, read by a dense layer: flattened C, H, W
+            t = t.repeat_interleave(x.shape[1] // t.numel())
         return t.expand_as(x)
 
     def terms(self, layer: nn.Module, x: Tensor, z: Tensor) -> Terms:
