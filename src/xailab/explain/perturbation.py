@@ -352,8 +352,8 @@ def enumerated_coalitions(counts: Tensor) -> tuple[Tensor, Tensor]:
     codes = torch.tensor([2**s_max - 1, *range(2**s_max - 1)], device=device)
     bits = (codes[:, None] >> torch.arange(s_max, device=device)) & 1
     real = torch.arange(s_max, device=device) < counts[:, None]
-    z = (bits[None].bool() & real[:, None]).double()
-    k, s = z.sum(2), counts[:, None].double()
+    z = (bits[None].bool() & real[:, None]).to(_solve_dtype(device))
+    k, s = z.sum(2), counts[:, None].to(z.dtype)
     binomial = torch.exp(torch.lgamma(s + 1) - torch.lgamma(k + 1) - torch.lgamma(s - k + 1))
     inner = (k > 0) & (k < s)
     weights = torch.where(inner, (s - 1) / (binomial * k * (s - k)).clamp(min=1e-300), 0.0)
