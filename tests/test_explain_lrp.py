@@ -390,3 +390,24 @@ def test_bf16_fast_mode_agrees_with_fp32():
     assert bf16.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(fp32.flatten(1), bf16.flatten(1))
     assert (cosine > 0.9).all(), cosine
+
+
+def test_probe_finds_every_input_layer_and_the_norms_it_can_merge():
+    """Efficient CNN's four stem branches all read the input (one through a max-pool); its stem BN follows a
+    concatenation and stays. ResNet's BNs all follow their convs (shortcut projections included); a BN in
+    front of a dense layer (the ensemble's head) merges into it."""
+    from xailab.explain.lrp import probe
+
+    found = probe(build("efficient_cnn"), images(1))
+    assert found.first == {"stem.branch1.0", "stem.branch3.0", "stem.branch5.0", "stem.branch_pool.1.0"}
+    assert "stem.norm" not in {norm for _, norm, _ in found.merges}
+    assert ("blocks.0.depthwise.0", "blocks.0.depthwise.1", "after") in found.merges
+    found = probe(build("resnet18"), images(1))
+    assert found.first == {"stem.0"}
+    assert ("layer2.0.shortcut.0", "layer2.0.shortcut.1", "after") in found.merges
+    assert len(found.merges) == sum(isinstance(m, nn.BatchNorm2d) for m in build("resnet18").modules())
+    head = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(4 * 30 * 30), nn.Linear(4 * 30 * 30, 2)
+    )
+    found = probe(head.eval(), images(1))
+    assert found.merges == [("4", "3", "before")]
