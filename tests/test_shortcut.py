@@ -260,3 +260,29 @@ def test_bad_shortcut_study_specs_name_the_key(changes, expected):
 
     with pytest.raises(ConfigError, match=expected):
         spec_from_dict(tiny_shortcut_spec(**changes))
+
+
+@pytest.mark.slow
+def test_the_bundled_shortcut_study_runs_on_real_mnist_cut_to_seconds(shared_data_dir, tmp_path):
+    """The bundled study's own planting options on the real MNIST, with the budget cut to seconds."""
+    import dataclasses
+
+    from xailab.study import load_study, run_study
+
+    bundled = load_study("shortcut")
+    spec = dataclasses.replace(
+        bundled,
+        name="shortcut-cut",
+        train={**bundled.train, "epochs": 1, "train_limit": 512},
+        methods=["saliency", "gradcam"],
+        method_params={},
+        metrics=["sparseness"],
+        n_explain=8,
+        n_gallery=2,
+        sanity_images=1,
+    )
+    report = run_study(spec, out=tmp_path, progress=False, data_dir=str(shared_data_dir))
+    record = json.loads((report.parent / "mnist_cnn__shortcut" / "record.json").read_text())
+    section = record["shortcut"]
+    assert section["classes"] == ["7"] and section["n_marked"] == 8 and section["marker_pixels"] == 11
+    assert record["test"]["n"] == 10_000 and "Which explanation finds the shortcut?" in report.read_text()
