@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from xailab.autotune import explain_precision
 from xailab.errors import ConfigError
-from xailab.explain.batching import default_batch_size  # noqa: F401  (re-exported: the chunk-size rule)
 from xailab.registry import Registry
 
 Reduction = Literal["sum", "max_abs", "mean", "none"]

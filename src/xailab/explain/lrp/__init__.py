@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from xailab.errors import ConfigError
-from xailab.explain.base import default_batch_size, register_method
+from xailab.explain.base import register_method
+from xailab.explain.batching import default_batch_size
 from xailab.explain.lrp.canonizers import (
     PASS_THROUGH_TYPES,
     Probe,
