@@ -149,6 +149,8 @@ async function explainOne(run, card) {
   form.append("file", state.image, "upload");
   form.append("methods", checked("#methods").join(","));
   form.append("top_k", $("#topk").value || "5");
+  // method parameters as {"[METHOD.]KEY": value}; the server validates them and names a bad one
+  if ($("#params").value.trim()) form.append("params", $("#params").value.trim());
   try {
     const result = await getJson(runUrl(run, "/explain"), { method: "POST", body: form });
     const best = result.top[0];
