@@ -45,6 +45,18 @@ class MarkedImageSet(ImageSet):
     masks: Tensor = field(default_factory=lambda: torch.zeros(0, 1, 0, 0, dtype=torch.bool))
     marked: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, h, w, _ = self.images.shape
+        if self.masks.dtype != torch.bool or tuple(self.masks.shape) != (n, 1, h, w):
+            raise ValueError(
+                f"masks must be bool [N, 1, H, W] = [{n}, 1, {h}, {w}], got {tuple(self.masks.shape)}"
+            )
+        if self.marked.dtype != torch.bool or tuple(self.marked.shape) != (n,):
+            raise ValueError(
+                f"marked must be bool [N={n}], got {self.marked.dtype} {tuple(self.marked.shape)}"
+            )
+
     def subset(self, index: Tensor) -> MarkedImageSet:
         """The images at ``index`` (a ``[M]`` long tensor), with their masks."""
         return MarkedImageSet(self.images[index], self.labels[index], self.masks[index], self.marked[index])
