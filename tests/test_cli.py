@@ -177,7 +177,7 @@ def test_numbers_are_parsed_strictly(value, tmp_path, capsys):
         (["predict", "{run}", "{big}"], "36,000,000 pixels, over the limit"),
         (["predict", "{run}", "{digit}", "--top-k", "-3"], "predict.top_k: -3 is out of range"),
         (["predict", "{run}", "{digit}", "--top-k", "0"], "predict.top_k: 0 is out of range"),
-        (["evaluate", "{run}", "--split", "foo"], "has no split 'foo'; it has test, train"),
+        (["evaluate", "{run}", "--split", "foo"], "has no split 'foo'; valid splits: test, train"),
         (["explain", "{run}", "--batch-size", "0"], "explain.batch_size: 0 is out of range"),
         (["explain", "{run}", "--n", "0"], "explain.n: 0 is out of range"),
         (["explain", "{run}", "--split", "foo", "--n", "2"], "has no split 'foo'"),

@@ -111,7 +111,7 @@ def test_missing_files_message_suggests_download(tmp_path):
         load_dataset("fashion_mnist", data_dir=tmp_path)
     message = str(info.value)
     assert str(tmp_path / "fashion-mnist") in message and "train-images-idx3-ubyte.gz" in message
-    assert "--download" in message and "XAILAB_DATA_DIR" in message
+    assert "--dataset-option download=true" in message and "XAILAB_DATA_DIR" in message
     assert "fashion-mnist.s3-website" in message
 
 
@@ -179,7 +179,7 @@ def test_cifar_extracted_subfolder_and_missing_message(tmp_path):
     with pytest.warns(UserWarning, match="20 of 50000"):
         ds = load_dataset("cifar10", data_dir=tmp_path)
     assert len(ds["train"]) == 20
-    with pytest.raises(DatasetError, match=r"(?s)cifar-10-python.tar.gz.*--download"):
+    with pytest.raises(DatasetError, match=r"(?s)cifar-10-python.tar.gz.*--dataset-option download=true"):
         load_dataset("cifar10", data_dir=tmp_path / "empty")
 
 

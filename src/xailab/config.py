@@ -259,3 +259,10 @@ def folder_name(value: Any, where: str) -> str:
             "(no slash, not starting with a dot, at most 128 characters)"
         )
     return value
+
+
+def check_type(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against type ``annotation`` (coerced where lossless, e.g. int -> float), or a
+    ``ConfigError`` naming ``name`` and the value: the check ``from_dict`` runs on each field, for values that
+    are not fields of a dataclass (a model's options, checked against its factory's annotations)."""
+    return _check_type(name, value, annotation)

@@ -66,6 +66,7 @@ __all__ = [
     "transforms",
 ]
 
+
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted."""
     return DATASETS.names()
@@ -141,6 +142,7 @@ def load_dataset(
     overrides the dataset's default augmentation. Unknown names raise ``UnknownNameError``.
     """
     spec = DATASETS.get(name)
+    spec.check_options(options)
     if channels not in (None, 1, 3):
         raise DatasetError(f"channels must be 1 or 3, got {channels!r}")
     size = _as_size(image_size)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xailab.errors import DatasetError
+from xailab.errors import ConfigError, DatasetError
 from xailab.registry import Registry
 
 
@@ -60,7 +61,7 @@ class Dataset:
     """
 
     name: str
-    splits: dict[str, ImageSet]
+    splits: Mapping[str, ImageSet]
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -82,7 +83,6 @@ class Dataset:
         return int(images.shape[1]), int(images.shape[2])
 
     def __getitem__(self, split: str) -> ImageSet:
-        """The split called ``split``; an unknown one is a ``DatasetError`` listing the valid splits."""
         try:
             return self.splits[split]
         except KeyError:
@@ -110,6 +110,9 @@ class LoadRequest:
     options: dict = field(default_factory=dict)
 
 
+# Options ``load_dataset`` itself takes for every dataset (the loader never reads them).
+COMMON_OPTIONS = frozenset({"augment", "download", "mirrors", "cache_dir"})
+
 Loader = Callable[[LoadRequest], Dataset]
 StatusCheck = Callable[[Path], dict[str, Any]]
 
@@ -125,16 +128,35 @@ class DatasetSpec:
     load: Loader
     description: str = ""
     status: StatusCheck | None = None
+    # The ``request.options`` keys the loader reads; None: the loader checks its options itself.
+    options: frozenset[str] | None = frozenset()
+
+    def check_options(self, options: Mapping[str, object], where: str = "dataset_options") -> None:
+        """Raise ``ConfigError`` naming the first option the loader does not read (``--dataset-option``, a
+        study's ``dataset_options``) with the nearest name and the valid ones: never ignored silently."""
+        if self.options is None:
+            return
+        valid = sorted(self.options | COMMON_OPTIONS)
+        for key in options:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{where}: dataset {self.name!r} has no option {key!r}.{hint} Valid: {', '.join(valid)}."
+                )
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register_dataset(name: str, folder: str | None, description: str = "") -> Callable[[Loader], Loader]:
-    """Decorator registering ``load(request: LoadRequest) -> Dataset`` under ``name``."""
+def register_dataset(
+    name: str, folder: str | None, description: str = "", options: frozenset[str] | None = frozenset()
+) -> Callable[[Loader], Loader]:
+    """Decorator registering ``load(request: LoadRequest) -> Dataset`` under ``name``; ``options``: the
+    ``request.options`` keys the loader reads (None: it checks them itself)."""
 
     def add(load: Loader) -> Loader:
-        DATASETS.register(name)(DatasetSpec(name, folder, load, description))
+        DATASETS.register(name)(DatasetSpec(name, folder, load, description, options=options))
         return load
 
     return add

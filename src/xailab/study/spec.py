@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xailab.config import from_dict, read_config_file, to_dict
+from xailab.config import folder_name, from_dict, read_config_file, to_dict
 from xailab.data.base import DATASETS
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
@@ -68,8 +68,8 @@ def _names(where: str, value: Any, registry, allow_empty: bool = False) -> list[
         raise ConfigError(f"{where}: expected a list of names, got {value!r}")
     if not value and not allow_empty:
         raise ConfigError(f"{where}: give at least one; valid: {', '.join(registry.names())}")
-    for i, name in enumerate(value):
     lookup = resolve_method if registry is METHODS else registry.get  # captum:<Name> resolves as methods do
+    for i, name in enumerate(value):
         try:
             lookup(name)
         except UnknownNameError as e:
@@ -88,6 +88,7 @@ def _per_name(where: str, value: dict[str, Any], valid: list[str]) -> None:
 
 def validate(spec: StudySpec, where: str) -> StudySpec:
     """Check names, per-name mappings, the training recipe and counts; return ``spec`` with lists cleaned."""
+    folder_name(spec.name, f"{where}: name")  # the study's folder: never a path that leaves --out
     datasets = _names(f"{where}: datasets", spec.datasets, DATASETS)
     models = _names(f"{where}: models", spec.models, MODELS)
     methods = _names(f"{where}: methods", spec.methods, METHODS)
@@ -100,16 +101,18 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
     )
     _per_name(f"{where}: model_options", spec.model_options, models)
     _per_name(f"{where}: dataset_options", spec.dataset_options, datasets)
+    for dataset, options in spec.dataset_options.items():  # a misspelt option is never ignored
+        DATASETS.get(dataset).check_options(options, where=f"{where}: dataset_options.{dataset}")
     _per_name(f"{where}: method_params", spec.method_params, methods)
-    for dataset, root in spec.dataset_roots.items():
-        if dataset not in datasets:
-            raise ConfigError(
-                f"{where}: dataset_roots: {dataset!r} is not in the study; valid: {', '.join(datasets)}"
     # a misspelt method parameter fails now, not after every cell has trained
     method_params = {
         method: _checked(f"{where}: method_params.{method}", method, params)
         for method, params in spec.method_params.items()
     }
+    for dataset, root in spec.dataset_roots.items():
+        if dataset not in datasets:
+            raise ConfigError(
+                f"{where}: dataset_roots: {dataset!r} is not in the study; valid: {', '.join(datasets)}"
             )
         if not isinstance(root, str):
             raise ConfigError(f"{where}: dataset_roots.{dataset}: expected a folder path, got {root!r}")

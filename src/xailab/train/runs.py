@@ -164,6 +164,20 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     )
 
 
+def _run_file(path: Path, empty: Any) -> Any:
+    """A run's JSON file (``empty`` when absent); unreadable JSON or the wrong kind of value is a
+    ``CheckpointError`` naming the file, so a listing says which file broke the run."""
+    if not path.is_file():
+        return empty
+    try:
+        value = read_json(path)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{path.name} is corrupt: {e}") from None
+    if not isinstance(value, type(empty)):
+        raise CheckpointError(f"{path.name} holds a {type(value).__name__}, not a {type(empty).__name__}")
+    return value
+
+
 def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
     """One summary dict per run folder under ``root`` (searched recursively): name, model, dataset, status,
     epochs, test accuracy. A broken folder is listed with status ``broken`` and ``error`` saying why."""
@@ -173,12 +187,8 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": str(cfg.parent.relative_to(root))}
         try:
             meta = read_run_meta(cfg.parent)
-            metrics = (
-                read_json(cfg.parent / "metrics.json") if (cfg.parent / "metrics.json").is_file() else {}
-            )
-            history = (
-                read_json(cfg.parent / "history.json") if (cfg.parent / "history.json").is_file() else []
-            )
+            metrics = _run_file(cfg.parent / "metrics.json", {})
+            history = _run_file(cfg.parent / "history.json", [])
             accuracy = metrics.get("test", {}).get("accuracy")
             row.update(
                 model=meta.train.model,
