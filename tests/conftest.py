@@ -1,4 +1,4 @@
-"""Shared fixtures: where the read-only copy of the real datasets lives."""
+"""Shared fixtures: where the read-only copy of the real datasets lives, one thread, and the tests' one tiny CNN."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +39,33 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class TinyCNN(nn.Module):
+    """The tests' one tiny CNN on any image size: conv1 (3x3, ``stride``) -> [BatchNorm] -> ReLU -> conv2
+    (3x3) -> ReLU -> global mean -> linear, ``[B, C, H, W] -> [B, classes]``. ``cam_layer`` names conv2 for
+    the CAM methods; ``explode`` makes forward raise after the convolutions ran (hook clean-up tests)."""
+
+    cam_layer: str | None = "conv2"
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        classes: int = 4,
+        *,
+        stride: int = 1,
+        batch_norm: bool = True,
+        explode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4, 3, stride=stride, padding=1)
+        self.bn = nn.BatchNorm2d(4) if batch_norm else nn.Identity()
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, classes)
+        self.explode = explode
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+        if self.explode:
+            raise RuntimeError("exploded in forward")
+        return self.fc(x.mean(dim=(2, 3)))

@@ -65,7 +65,7 @@ _ALLOWED_GLOBALS = frozenset(
 
 def _numpy_reconstruct() -> Any:
     """numpy's array-reconstruct function, wherever this numpy version keeps it."""
-    reconstruct, _args, _state = np.ndarray.__reduce__(np.zeros(0))  # type: ignore[misc]
+    reconstruct, _args, _state = np.ndarray.__reduce__(np.zeros(0))  # type: ignore[str-unpack]
     return reconstruct
 
 
