@@ -60,7 +60,8 @@ class TrainConfig:
     )
     recipe: str = bounded(
         "none",
-        help="defaults for the keys not given: auto (by the dataset's kind), digits, natural, xray or none",
+        help="defaults for the keys not given: auto (what the CLI, config files and studies use: by the "
+        "dataset's kind), digits, natural, xray, or none (this class's own defaults)",
     )
     early_stopping: int = bounded(0, low=0, help="stop after this many epochs without improvement (0: off)")
     monitor: Literal["val_loss", "val_accuracy"] = bounded("val_loss", help="what picks the best weights")
