@@ -135,8 +135,9 @@ def _decode_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             data = f.read()  # one read instead of Pillow's many small ones: about 30% faster for tiny files
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
-            img.load()  # the first frame of an animated GIF or WebP
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
+            opened.load()  # the first frame of an animated GIF or WebP
+            img: Image.Image = opened
             if img.mode not in ("L", "RGB"):
                 img = img.convert("L" if img.mode in _GRAY_MODES else "RGB")
             if size is not None and img.size != (size[1], size[0]):
@@ -424,15 +425,16 @@ def read_label_csv(name: str, root: Path, csv_path: Path) -> tuple[tuple[str, ..
             f"{name}: {csv_path} row {rows[k][0]} has label {raw[k]!r}, {kinds[1]}, but the other labels are "
             f"{kinds[0]}. Fix the row: labels are all class indices or all class names."
         )
-    if all(i is not None for i in ints):
-        values = sorted(set(ints))
+    numbers = [i for i in ints if i is not None]
+    if len(numbers) == len(ints):  # class indices: classes in numeric order, named by their number
+        values = sorted(set(numbers))
         class_names = tuple(str(v) for v in values)
-        index = {v: k for k, v in enumerate(values)}
-        labels = [index[i] for i in ints]
+        by_number = {v: k for k, v in enumerate(values)}
+        labels = [by_number[i] for i in numbers]
     else:
         class_names = tuple(sorted(set(raw)))
-        index = {v: k for k, v in enumerate(class_names)}
-        labels = [index[s] for s in raw]
+        by_name = {v: k for k, v in enumerate(class_names)}
+        labels = [by_name[label] for label in raw]
     return class_names, [_image_file(p, y) for (p, _), y in zip(entries, labels, strict=True)]
 
 
