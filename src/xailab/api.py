@@ -159,14 +159,14 @@ def decode_image(
     if not data:
         raise DatasetError(f"{name}: the file is empty; send a PNG, JPEG, BMP, GIF, TIFF or WebP image")
     try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
-            w, h = im.size
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as opened:
+            w, h = opened.size
             if w * h > max_pixels or w < 1 or h < 1:
                 raise DatasetError(
                     f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
                     "send a smaller image"
                 )
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = opened.convert("L" if channels == 1 else "RGB")
             # Shrink big images by an integer factor first (cheap box filter, keeps the aspect), so the
             # antialiased resize below works on a small float copy.
             factor = min(w // (2 * image_size[1]), h // (2 * image_size[0]))
