@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import TinyCNN as SharedTinyCNN
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain import applicable_methods, explain, list_methods
 from xailab.models import MODELS, create_model, list_models, model_input_size
@@ -125,24 +126,11 @@ def test_contract(model_name, method):
         torch.testing.assert_close(explain(model, inputs, method, target, **params), maps, rtol=0, atol=0)
 
 
-class TinyCNN(nn.Module):
-    """Two 3x3 convs and a linear head on 8x8 images; ``explode`` makes forward raise after the convs ran."""
-
-    cam_layer = "conv2"
+class TinyCNN(SharedTinyCNN):
+    """The tests' tiny CNN (conftest.py) with ``NUM_CLASSES`` outputs, on 8x8 images here."""
 
     def __init__(self, in_channels: int = 3, explode: bool = False) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
-        self.fc = nn.Linear(6, NUM_CLASSES)
-        self.explode = explode
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
-        if self.explode:
-            raise RuntimeError("exploded in forward")
-        return self.fc(x.mean(dim=(2, 3)))
+        super().__init__(in_channels, NUM_CLASSES, explode=explode)
 
 
 class TinyCNNWithoutCamLayer(TinyCNN):

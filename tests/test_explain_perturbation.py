@@ -9,6 +9,7 @@ import torch
 from sklearn.linear_model import Ridge
 from torch import Tensor, nn
 
+from conftest import TinyCNN as SharedTinyCNN
 from xailab.errors import ConfigError
 from xailab.explain import perturbation as P
 from xailab.explain.base import explain
@@ -315,16 +316,9 @@ def test_seed_makes_results_reproducible_and_another_seed_differs(
     assert not torch.allclose(first, explain(mnist_model, x, method, seed=4, **FAST[method]))
 
 
-class TinyCNN(nn.Module):
-    """A cheap CNN for any input size (stride-4 conv, global pool): shape tests up to 224x224."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, 8, 5, stride=4)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+def TinyCNN(channels: int) -> nn.Module:
+    """The tests' tiny CNN (conftest.py), cheap for shape tests up to 224x224: a stride-4 first conv."""
+    return SharedTinyCNN(channels, stride=4, batch_norm=False)
 
 
 @pytest.mark.parametrize("method", ["occlusion", *SEEDED])
