@@ -503,8 +503,18 @@ def test_method_params_reach_the_method(client, run):
         ("n_steps=4", ["params: not JSON"]),
         ("[4]", ["expected a JSON object"]),
         ("[" * 5000, ["params:"]),  # nesting deeper than the parser's recursion limit
+        ('{"n_steps": 1000000000}', ["integrated_gradients.n_steps=1000000000", "over this server's limit"]),
     ],
-    ids=["misspelt", "bad-type", "nobody-takes-it", "method-not-chosen", "not-json", "not-object", "deep"],
+    ids=[
+        "misspelt",
+        "bad-type",
+        "nobody-takes-it",
+        "method-not-chosen",
+        "not-json",
+        "not-object",
+        "deep",
+        "too-much-work",
+    ],
 )
 def test_bad_method_params_are_400_naming_the_param(client, params, fragments):
     response = post_image(

@@ -39,6 +39,10 @@ from xailab.web.serving import LoadedRun, RunCache
 
 MAX_METHODS_PER_REQUEST = 16
 MAX_PARAMS_CHARS = 4096
+# The largest whole number a request may give a method parameter: far above every default (n_steps 50, lime's
+# 1000 samples) but bounding the work one request can ask of a shared server (n_steps=10**9 would run for
+# days). Python callers and the CLI are not bounded.
+MAX_PARAM_INT = 10_000
 _INDEX = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²".isdigit() is True in Python
 
 router = APIRouter()
@@ -100,7 +104,16 @@ def parse_params(params: str, methods: list[str]) -> dict[str, dict[str, Any]]:
         raise HTTPException(
             400, f'params: expected a JSON object like {{"n_steps": 32}}, got {params[:80]!r}'
         )
-    return api.method_options(methods, values)
+    chosen = api.method_options(methods, values)
+    for method, given in chosen.items():
+        for key, value in given.items():
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_PARAM_INT:
+                raise HTTPException(
+                    400,
+                    f"params: {method}.{key}={value} is over this server's limit of {MAX_PARAM_INT:,}; "
+                    "ask for less work (or run it with the Python API or the CLI)",
+                )
+    return chosen
 
 
 def parse_target(target: str | None, class_names: tuple[str, ...], predicted: int) -> int:
