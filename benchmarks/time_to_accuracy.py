@@ -24,7 +24,6 @@ runs: the figures are wall-clock times.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from xailab.io import write_json, write_text
 from xailab.models import model_input_size
 from xailab.train import TrainConfig, predict_logits, train
 from xailab.train.checkpoint import load_weights
+from xailab.train.loop import _cpu_name  # the processor's model name, as runs record it
 
 # The multi-model seed's claimed test accuracies (claims, not measurements): model -> dataset -> accuracy.
 SEED_CLAIMS: dict[str, dict[str, float]] = {
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out = str(out / stamp)  # every benchmark run trains fresh (no resumed runs)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     rows = []
     for cell in args.cells.split(","):
         dataset_name, model = cell.strip().split(":")
@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 flush=True,
             )
-    write_json(Path(args.out) / "time_to_accuracy.json", {"machine": machine, "rows": rows})
-    write_text(Path(args.out) / "time_to_accuracy.md", markdown(rows, machine))
+            # written after every run, so a long benchmark killed midway keeps what it measured
+            write_json(Path(args.out) / "time_to_accuracy.json", {"machine": machine, "rows": rows})
+            write_text(Path(args.out) / "time_to_accuracy.md", markdown(rows, machine))
     print(markdown(rows, machine))
     return 0
 
