@@ -221,6 +221,7 @@ def test_the_shortcut_study_trains_both_models_scores_the_marker_and_reports_it(
             assert all(s["n"] == 4 and 0 <= s["mean"] <= 1 for s in scores.values())
         assert (cell / section["gallery"][model][0]["maps"]["gradcam"]).is_file()
     assert set(section["difference"]["saliency"]) == {"mass_shift", "spearman"}
+    assert section["focus"] == {"shortcut": None, "control": None}  # keras_cnn's head is sized for 16x16
     # The shortcut model follows the marker: moved onto other digits, it pulls them to "3"; the control not.
     moved = {m: section["reliance"][m]["moved"]["to_marked_class"] for m in ("shortcut", "control")}
     assert moved["shortcut"] > moved["control"] + 0.2
@@ -286,3 +287,21 @@ def test_the_bundled_shortcut_study_runs_on_real_mnist_cut_to_seconds(shared_dat
     section = record["shortcut"]
     assert section["classes"] == ["7"] and section["n_marked"] == 8 and section["marker_pixels"] == 11
     assert record["test"]["n"] == 10_000 and "Which explanation finds the shortcut?" in report.read_text()
+
+
+def test_focus_scores_every_method_on_mosaics_and_skips_a_fixed_size_model():
+    from xailab.study import spec_from_dict
+    from xailab.study.shortcut import focus_scores
+
+    spec = spec_from_dict(tiny_shortcut_spec(n_explain=6))
+    ds = noise_dataset(n=30, size=8, classes=3)
+    test = ds["test"]
+    torch.manual_seed(0)
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+    found = focus_scores(spec, pooled, ds.mean, ds.std, test.images, test.labels)
+    assert set(found) == {"saliency", "gradcam"}
+    assert all(s["n"] == 6 and 0 <= s["mean"] <= 1 for s in found.values())
+    fixed = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # takes 8x8 images only
+    assert focus_scores(spec, fixed, ds.mean, ds.std, test.images, test.labels) is None

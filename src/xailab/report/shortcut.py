@@ -39,11 +39,8 @@ def score_text(stats: Mapping[str, Any] | None) -> str:
 
 def best_methods(scores: Mapping[str, Mapping[str, Any]], metric: str, better: str) -> str | None:
     """The method with the best mean of ``metric`` (``better``: ``higher`` or ``lower``), None if none."""
-    found = [
-        (s[metric]["mean"], m)
-        for m, s in scores.items()
-        if metric in s and s[metric].get("mean") is not None and not math.isnan(s[metric]["mean"])
-    ]
+    means = {m: (s.get(metric) or {}).get("mean") for m, s in scores.items()}
+    found = [(v, m) for m, v in means.items() if v is not None and not math.isnan(v)]
     if not found or better not in ("higher", "lower"):
         return None
     return (max if better == "higher" else min)(found)[1]
@@ -80,6 +77,10 @@ def trust_table(
         shortcut = rec.get("shortcut")
         local = (shortcut or {}).get("localisation", {}).get("shortcut", {})
         local_cols = list((shortcut or {}).get("metrics", []))
+        mosaic = ((shortcut or {}).get("focus") or {}).get("shortcut")
+        if mosaic:  # Focus on 2x2 mosaics: ground truth without a planted marker
+            local = {m: {**s, "focus": mosaic.get(m)} for m, s in local.items()}
+            local_cols.append("focus")
         methods = list(rec.get("explain", {}).get("methods") or quality or local)
         best = {m: best_methods(quality, m, info[m]["better"]) for m in quality_cols}
         best.update({m: best_methods(local, m, "higher") for m in local_cols})
@@ -255,6 +256,15 @@ def shortcut_cells(records: Sequence[Record], files: Path) -> list[dict[str, Any
                     for method, d in section["difference"].items()
                 ],
                 "gallery": gallery,
+                "focus": [
+                    {
+                        "method": method,
+                        **{m: score_text((section["focus"][m] or {}).get(method)) for m, _ in MODELS},
+                    }
+                    for method in section["localisation"]["shortcut"]
+                ]
+                if any((section.get("focus") or {}).get(m) for m, _ in MODELS)
+                else [],
                 "methods": list(section["localisation"]["shortcut"]),
                 "figures": {
                     "reliance": f"report_files/{reliance_png}",

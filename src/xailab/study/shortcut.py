@@ -11,6 +11,7 @@ options at strength 0, in ``<cell>/control/``). Then it
   (true) class, and scores each map by every localisation metric against the marker's exact mask;
 - compares the two models' maps of the same images: the change of relevance mass on the marker, and their
   rank correlation;
+- scores every method by Focus on 2x2 mosaics of clean test images (where the model takes 2H x 2W inputs);
 - runs the study's usual assessment (quality metrics, sanity check, galleries) on the marked test images of
   the shortcut model, so the report's tables speak about the same images.
 
@@ -34,7 +35,7 @@ from xailab.data.transforms import to_model_input
 from xailab.errors import ConfigError, XailabError
 from xailab.metrics import METRICS, evaluate_explanations, spearman, summarise
 from xailab.metrics.base import chunked_explain, method_explainer
-from xailab.metrics.localisation import LOCALISATION_METRICS
+from xailab.metrics.localisation import LOCALISATION_METRICS, focus, mosaics
 from xailab.records import CellRecord, read_cell_record
 from xailab.study.runner import Cell, CellTask, assess_cell, cell_dataset, cell_key, gallery_tiles, train_cell
 from xailab.study.spec import StudySpec
@@ -171,6 +172,36 @@ def explain_all(
     }
 
 
+def focus_scores(
+    spec: StudySpec,
+    model: nn.Module,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    images: Tensor,
+    labels: Tensor,
+    n_max: int = 64,
+) -> dict[str, dict[str, float]] | None:
+    """Focus (Arias-Duart et al. 2022) of every study method on ``min(n_explain, n_max)`` seeded 2x2 mosaics
+    of the clean uint8 test ``images`` ``[N, H, W, C]`` (labels ``[N]``): method -> mean and bootstrap
+    interval. None when the model does not take ``2H x 2W`` inputs (a fixed-size classifier head)."""
+    device = next(model.parameters()).device
+    mos = mosaics(images.permute(0, 3, 1, 2), labels, min(spec.n_explain, n_max), seed=spec.seed)
+    x = to_model_input(mos.inputs.permute(0, 2, 3, 1).to(device), mean, std).contiguous()
+    targets = mos.targets.to(device)
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    except RuntimeError:  # e.g. a Linear layer sized for H x W: no mosaics for this model
+        return None
+    out = {}
+    for method in spec.methods:
+        explain_fn = method_explainer(method, **spec.method_params.get(method, {}))
+        maps = chunked_explain(explain_fn, model, x, targets)
+        scores = focus(model, x, targets, maps, mask=mos.mask.to(maps.device))
+        out[method] = summarise({"focus": scores.cpu()}, seed=spec.seed)["focus"]
+    return out
+
+
 def localisation_scores(maps: Tensor, masks: Tensor, k: int, tolerance: float) -> dict[str, Tensor]:
     """Every localisation metric of ``maps`` ``[N, 1, H, W]`` against ``masks`` ``[N, 1, H, W]``: name -> ``[N]``."""
     dummy = nn.Linear(1, 1)  # the localisation metrics read the maps and masks only
@@ -256,4 +287,10 @@ def shortcut_section(
             for m in LOCALISATION_METRICS
         },
         "gallery": gallery,
+        "focus": {
+            n: focus_scores(
+                spec, r.model, r.mean, r.std, variants["removed"].images, variants["removed"].labels
+            )
+            for n, r in models.items()
+        },
     }
