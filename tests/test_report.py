@@ -141,6 +141,26 @@ def test_report_layer_never_imports_models_or_torch():
                     )
 
 
+def test_report_figures_normalise_maps_bit_for_bit_as_explain_figures():
+    """report/ redoes explain.figures' map normalisation and overlay in numpy: identical bytes (so the PNGs
+    are), for signed, non-negative, all-zero and sparse maps and grey or colour images."""
+    import torch
+
+    from xailab.explain import figures
+    from xailab.report import assessment
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        m = (rng.standard_normal((1, h, w)) * 10 ** rng.uniform(-6, 3)).astype(np.float32)
+        m = [m, np.abs(m) + 3.0, np.zeros_like(m), np.where(m > 0.5, m, 0), -np.abs(m)][i % 5]
+        expected = figures.normalise_map(torch.from_numpy(m)).numpy()
+        assert assessment.normalise_map(m).tobytes() == expected.tobytes()
+        image = rng.integers(0, 256, (h, w, 3 if i % 2 else 1), dtype=np.uint8)
+        expected = figures.overlay(torch.from_numpy(image), torch.from_numpy(m))
+        assert assessment.overlay(image, m).tobytes() == expected.tobytes()
+
+
 def test_missing_study_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="not a study folder"):
         build_report(tmp_path)

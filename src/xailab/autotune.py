@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 VERSION = 1  # of the cache format and of the measuring procedure: a change invalidates old files
 ENV = "XAILAB_AUTOTUNE"
-PASSES = ("train_step", "forward", "input_grad")
-EXPLAIN_PASSES = ("forward", "input_grad")
+Pass = Literal["train_step", "forward", "input_grad"]
+Precision = Literal["fp32", "bf16"]
+PASSES: tuple[Pass, ...] = ("train_step", "forward", "input_grad")
+EXPLAIN_PASSES: tuple[Pass, ...] = ("forward", "input_grad")
 BATCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)  # candidate chunk sizes (the first is also stage 1's)
 PROBE_FRACTION = 8  # stage 0 probes each candidate at 1/8 of the stage-1 batch
 # A candidate this many times slower per image than the best probe is not timed at the full batch; loose,
@@ -65,9 +67,6 @@ MEMORY_CAPS = {
     ("accelerator", False): (2048 * 32 * 32, 2048),
     ("accelerator", True): (512 * 64 * 64, 512),
 }
-
-Pass = Literal["train_step", "forward", "input_grad"]
-Precision = Literal["fp32", "bf16"]
 
 
 def enabled(option: bool | None = None) -> bool:
@@ -393,10 +392,12 @@ class _Bench:
         k = (train, channels_last, compiled)
         if k not in self._copies:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            m = _bare_copy(self.model).to(device=self.device, memory_format=fmt).train(train)
+            # Module.to accepts memory_format at runtime (torch's _parse_to), but its stub overloads omit it
+            m = _bare_copy(self.model).to(device=self.device, memory_format=fmt).train(train)  # type: ignore[call-overload]
             if not train:
                 m.requires_grad_(False)  # explanations need the input's gradient only
-            self._copies[k] = torch.compile(m) if compiled else m
+            # torch.compile of a module returns an OptimizedModule (an nn.Module); its stub says Callable
+            self._copies[k] = cast(nn.Module, torch.compile(m)) if compiled else m
         return self._copies[k]
 
     def inputs(self, batch: int, channels_last: bool) -> tuple[Tensor, Tensor]:

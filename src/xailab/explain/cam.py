@@ -123,8 +123,9 @@ def activation_and_gradient(
     return activation.detach(), grad
 
 
-def weighted_map(activation: Tensor, weights: Tensor, size: tuple[int, int]) -> Tensor:
-    """``ReLU(sum_k w_k A_k)`` ``[B, 1, h, w]`` for weights ``[B, K]``, upsampled to ``size`` (bilinear)."""
+def weighted_map(activation: Tensor, weights: Tensor, size: tuple[int, ...]) -> Tensor:
+    """``ReLU(sum_k w_k A_k)`` ``[B, 1, h, w]`` for weights ``[B, K]``, upsampled to ``size`` ``(H, W)``
+    (bilinear; ``inputs.shape[-2:]`` fits)."""
     cam = F.relu((weights[:, :, None, None] * activation).sum(1, keepdim=True))
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 

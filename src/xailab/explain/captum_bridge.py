@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from types import MappingProxyType, ModuleType
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,14 +38,14 @@ def _captum_attr() -> ModuleType:
     return captum.attr
 
 
-def _required_args(cls: type) -> set[str]:
+def _required_args(cls: type[Any]) -> set[str]:
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     return {
         p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
 
-def captum_classes() -> dict[str, type]:
+def captum_classes() -> dict[str, type[Any]]:
     """Captum attribution classes the bridge can build from a model (and a layer), by name."""
     attr = _captum_attr()
     classes = {}

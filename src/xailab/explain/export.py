@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,15 @@ from xailab.io import atomic_write, write_text
 GRID_SIZE = 32
 
 
+def _tensor_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
+    """A writer for ``atomic_write`` saving ``tensors`` as one safetensors file (bound now, not at call)."""
+
+    def write(path: Path) -> None:
+        save_file(tensors, str(path))
+
+    return write
+
+
 def explain_to_disk(
     model: nn.Module,
     images: Tensor,
@@ -37,7 +46,7 @@ def explain_to_disk(
     batch_size: int = 16,
     panels: int = 8,
     params: Mapping[str, Mapping[str, Any]] | None = None,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Literal["fp32", "bf16", "auto"] = "fp32",
 ) -> Path:
     """Explain uint8 ``images`` ``[N, H, W, C]`` (at the model's input size) with every method in ``methods``.
 
@@ -77,21 +86,21 @@ def explain_to_disk(
                 kwargs = {"precision": precision, **params.get(method, {})}  # a method's own precision wins
                 maps = explain(model, x, method, target=prediction, **kwargs)
                 tensors[method] = maps.cpu().contiguous()
-            atomic_write(part_file, lambda p, t=tensors: save_file(t, str(p)))
+            atomic_write(part_file, _tensor_writer(tensors))
         for j in range(chunk.shape[0]):
             i = start + j
             pred = class_names[int(tensors["prediction"][j])]
             label = class_names[int(labels[i])] if labels is not None else ""
             rows.append([names[i], label, pred, f"{float(tensors['confidence'][j]):.6f}"])
             if i < panels:
-                maps = {m: tensors[m][j] for m in methods}
+                panel_maps = {m: tensors[m][j] for m in methods}
                 top = [
                     (class_names[int(c)], float(q))
                     for c, q in zip(tensors["top_index"][j], tensors["top_prob"][j], strict=True)
                 ]
                 fig = explanation_panel(
                     chunk[j],
-                    maps,
+                    panel_maps,
                     top,
                     title=f"{names[i]}: true {label or '?'}, predicted {pred}",
                 )

@@ -42,7 +42,7 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or min(pair) < 1:
         raise ConfigError(f"{name}={value!r} must be a positive int or a (height, width) pair")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _solve_dtype(device: torch.device) -> torch.dtype:

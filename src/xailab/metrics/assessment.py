@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,11 @@ from xailab.metrics.faithfulness import removal_curve, trapezoid
 from xailab.metrics.randomisation import RandomisationResult, model_randomisation
 
 ASSESSMENT_VERSION = 1
-CURVE_METRICS = {"deletion_auc": "deletion", "insertion_auc": "insertion"}  # computed from their curves
+# computed from their curves
+CURVE_METRICS: dict[str, Literal["deletion", "insertion"]] = {
+    "deletion_auc": "deletion",
+    "insertion_auc": "insertion",
+}
 RANDOMISATION_SEED = 42  # model_randomisation's default seed (Quantus's MPRT)
 
 

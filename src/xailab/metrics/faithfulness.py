@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from xailab.errors import ConfigError
 from xailab.explain.batching import (
     Baseline,
+    Score,
     baseline_images,
     check_positive,
     chunk_size,
@@ -111,7 +112,7 @@ def removal_curve(
         return torch.where(swapped.view(len(idx), 1, *inputs.shape[2:]), end[image], start[image])
 
     chunk = chunk_size(inputs, batch_size, model=model)
-    score = "softmax" if softmax else "logit"
+    score: Score = "softmax" if softmax else "logit"
     return score_copies(model, build, targets.repeat_interleave(per_image), chunk, score).view(b, per_image)
 
 
@@ -207,7 +208,7 @@ def pixel_flipping_curve(
         return torch.where(removed.view(len(idx), 1, h, w), fill[image], inputs[image])
 
     chunk = chunk_size(inputs, batch_size, model=model)
-    score = "softmax" if softmax else "logit"
+    score: Score = "softmax" if softmax else "logit"
     return score_copies(model, build, targets.repeat_interleave(n_steps), chunk, score).view(b, n_steps)
 
 
@@ -278,7 +279,7 @@ def faithfulness_correlation(
 
     chunk = chunk_size(inputs, batch_size, model=model)
     original = target_scores(model, inputs, targets, softmax)
-    score = "softmax" if softmax else "logit"
+    score: Score = "softmax" if softmax else "logit"
     perturbed = score_copies(model, build, targets.repeat_interleave(n_runs), chunk, score).view(b, n_runs)
     flat = attributions.flatten(1).double()
     attribution_sums = flat.gather(1, subsets.flatten(1)).view(b, n_runs, -1).sum(2)
@@ -394,7 +395,7 @@ def road_curve(
         return filled
 
     chunk = chunk_size(inputs, batch_size, model=model)
-    kind = "predicted" if score == "accuracy" else "softmax"
+    kind: Score = "predicted" if score == "accuracy" else "softmax"
     return score_copies(model, build, targets.repeat_interleave(n_p), chunk, kind).view(b, n_p)
 
 
@@ -488,7 +489,7 @@ def infidelity(
 
     chunk = chunk_size(inputs, batch_size, model=model)
     original = target_scores(model, inputs, targets, softmax).double()
-    score = "softmax" if softmax else "logit"
+    score: Score = "softmax" if softmax else "logit"
     perturbed = score_copies(model, build, targets.repeat_interleave(n), chunk, score)
     drops = original[:, None] - perturbed.view(b, n).double()
     explained = (perturbations.double() * attributions.double()[:, None]).flatten(2).sum(2)  # [B, S]

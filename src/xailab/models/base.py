@@ -69,7 +69,8 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, **optio
         model = spec.factory(in_channels=in_channels, num_classes=num_classes, **options)
     except (ValueError, TypeError) as e:  # a value the layers refuse (dropout=5): say which model and options
         raise ConfigError(f"model {name!r}: options {options} are invalid: {e}") from None
-    model.model_name = name
+    # torch types Module.__setattr__'s value as Tensor | Module, though any value is stored as a plain attribute
+    model.model_name = name  # type: ignore[assignment]
     return model
 
 

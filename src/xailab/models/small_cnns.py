@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +195,8 @@ class KerasCNN(nn.Module):
 
     def regularization_loss(self) -> Tensor:
         """Keras ``l2(weight_decay)`` on both conv kernels: ``weight_decay * sum(w ** 2)`` (biases excluded)."""
-        return self.weight_decay * sum(block.conv.weight.pow(2).sum() for block in (self.block1, self.block2))
+        squares = sum(block.conv.weight.pow(2).sum() for block in (self.block1, self.block2))
+        return self.weight_decay * cast(Tensor, squares)  # a sum of two tensors, never sum()'s start 0
 
 
 @register_model("keras_cnn", input_size=(32, 32))

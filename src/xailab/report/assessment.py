@@ -12,8 +12,9 @@
   ``agreement.png`` (Spearman and top-k IoU between methods).
 
 ``sanity_overlay_figure`` is a study cell's ``sanity.png``. Figures are ``matplotlib.figure.Figure`` objects
-without pyplot, as ``xailab.explain.figures``. Maps and images are the record's CPU tensors (this layer never
-imports torch itself).
+without pyplot, as ``xailab.explain.figures``. Maps and images are arrays: numpy arrays or anything
+``numpy.asarray`` reads (the record's CPU tensors); this layer never imports torch (ARCHITECTURE.md), so the
+map normalisation of ``xailab.explain.figures`` is redone here in numpy, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,16 +23,61 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from xailab.explain.figures import normalise_map, overlay, save_figure
 from xailab.io import write_json, write_text
-from xailab.metrics.assessment import Agreement, Assessment, SanityCurves
+from xailab.report.charts import save
+
+if TYPE_CHECKING:  # the record's types only: report/ never runs the metrics' (torch) code
+    from xailab.metrics.assessment import Agreement, Assessment, SanityCurves
 
 SCORE_FIELDS = ("model", "method", "metric", "mean", "ci_low", "ci_high", "n", "better")
+CMAP = "jet"  # as xailab.explain.figures
+PERCENTILE = 99.0  # maps are scaled by this percentile (xailab.explain.figures.normalise_map's default)
+DPI = 110  # xailab.explain.figures.save_figure's
+
+
+def _quantile(values: np.ndarray, q: float) -> np.float32:
+    """``torch.quantile(values, q)`` (linear interpolation) of a float32 array, with the same float32
+    arithmetic (the interpolation as one fused multiply-add, as torch's CPU kernel), so figures stay
+    byte-identical to those drawn from tensors."""
+    flat = np.sort(values.ravel())
+    if np.isnan(flat).any():
+        return np.float32(np.nan)
+    rank = np.float32(q) * np.float32(flat.size - 1)
+    below, above = flat[int(rank)], flat[int(np.ceil(rank))]
+    weight = np.float32(rank - np.float32(int(rank)))
+    diff = np.float64(np.float32(above - below))
+    if abs(weight) < 0.5:  # float64 holds weight * diff exactly: one rounding to float32, as an FMA
+        return np.float32(np.float64(below) + np.float64(weight) * diff)
+    return np.float32(np.float64(above) - diff * np.float64(np.float32(1) - weight))
+
+
+def normalise_map(attribution: Any, percentile: float = PERCENTILE) -> np.ndarray:
+    """``[H, W]`` (or ``[1, H, W]``) map -> float32 ``[H, W]`` in [0, 1], as
+    ``xailab.explain.figures.normalise_map``: magnitude (non-negative maps shifted to start at 0) scaled by
+    its ``percentile``-th percentile, else by its maximum."""
+    m = np.asarray(attribution, dtype=np.float32)
+    m = m.reshape(m.shape[-2:])
+    m = m - m.min() if m.min() >= 0 else np.abs(m)
+    scale = _quantile(m, percentile / 100.0)
+    if scale <= 0:
+        scale = m.max()
+    return np.clip(m / scale, 0, 1) if scale > 0 else np.zeros_like(m)
+
+
+def overlay(image: Any, attribution: Any, alpha: float = 0.5) -> np.ndarray:
+    """The uint8 image ``[H, W, C]`` blended with the colour-mapped, normalised map: float ``[H, W, 3]``
+    (``xailab.explain.figures.overlay``)."""
+    rgb = np.asarray(image, dtype=np.float32) / 255.0
+    if rgb.shape[-1] == 1:
+        rgb = np.broadcast_to(rgb, (*rgb.shape[:2], 3))
+    heat = matplotlib.colormaps[CMAP](normalise_map(attribution))[..., :3]
+    return (1 - alpha) * rgb + alpha * heat
 
 
 def scores_csv(record: Assessment) -> str:
@@ -66,15 +112,15 @@ def write_assessment(record: Assessment, out_dir: str | Path) -> Path:
     write_json(out / "scores.json", record.to_json())
     write_text(out / "per_image.csv", per_image_csv(record))
     if any(record.curves.values()):
-        save_figure(curves_figure(record.curves), out / "deletion_insertion.png")
+        save(curves_figure(record.curves), out / "deletion_insertion.png", dpi=DPI)
     if record.sanity:
-        save_figure(sanity_figure(record.sanity), out / "sanity_check.png")
+        save(sanity_figure(record.sanity), out / "sanity_check.png", dpi=DPI)
         for method, maps in record.sanity_maps.items():
             if maps.shape[1] > 0:
                 figure = sanity_maps_figure(method, maps, record.sanity[method].layers)
-                save_figure(figure, out / f"sanity_maps_{method.replace(':', '_')}.png")
+                save(figure, out / f"sanity_maps_{method.replace(':', '_')}.png", dpi=DPI)
     if record.agreement is not None:
-        save_figure(agreement_figure(record.agreement), out / "agreement.png")
+        save(agreement_figure(record.agreement), out / "agreement.png", dpi=DPI)
     return out
 
 
@@ -123,6 +169,7 @@ def sanity_maps_figure(method: str, maps: Any, layers: Sequence[str]) -> Figure:
     """The example images' maps (rows) originally and after each randomisation stage (columns) of ``maps``
     ``[L + 1, E, 1, H, W]``, tiled into one image (one axes instead of one per map keeps drawing fast for
     deep models)."""
+    maps = np.asarray(maps)
     stages, n = maps.shape[:2]
     h, w = maps.shape[-2:]
     gap = max(1, h // 8)
@@ -131,7 +178,7 @@ def sanity_maps_figure(method: str, maps: Any, layers: Sequence[str]) -> Figure:
         for j in range(stages):
             tiles[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = normalise_map(
                 maps[j, i]
-            ).numpy()
+            )
     fig = Figure(figsize=(min(18.0, 0.9 * stages + 1.0), 0.9 * max(1, n) + 1.4))
     ax = fig.subplots()
     ax.imshow(np.ma.masked_invalid(tiles), cmap="jet", vmin=0, vmax=1, interpolation="nearest")
@@ -149,6 +196,7 @@ def sanity_overlay_figure(
     """The cascading randomisation of one image ``[H, W, C]``: the trained model's map, then the maps after
     layers from the output down are re-initialised (``maps`` ``[L + 1, 1, H, W]``), at most ``columns``
     panels spread evenly over the cascade (always ending with every layer random)."""
+    maps = np.asarray(maps)
     stages = np.unique(np.linspace(0, maps.shape[0] - 1, min(columns, maps.shape[0])).round().astype(int))
     fig = Figure(figsize=(1.45 * len(stages), 2.0))
     axes = fig.subplots(1, len(stages), squeeze=False)[0]

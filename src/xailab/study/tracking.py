@@ -11,9 +11,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xailab.registry import Registry
+
+if TYPE_CHECKING:  # mlflow is an optional extra, imported only when tracking is on
+    from mlflow import ActiveRun
 
 TRACKERS: Registry = Registry("tracker")
 
@@ -56,7 +59,7 @@ class MlflowTracker:
         self.mlflow = mlflow
         self.study_dir = Path(study_dir)
         self.uri = uri or (self.study_dir.parent / "mlruns").resolve().as_uri()
-        self.parent = None
+        self.parent: ActiveRun | None = None  # the study's run, once begun
 
     def on_study_begin(self, spec: Any, cells: list[Any]) -> None:
         """Open the study's run in the experiment named after the study."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,24 @@ from xailab.explain.lrp.rules import (
 )
 
 Bound = float | tuple[float, ...] | Tensor | None
-# The named composites as a type, so that faces list them and a wrong name is refused before any work
-CompositeName = Literal[tuple(COMPOSITES)]  # type: ignore[valid-type]
+# The named composites as a type, so that faces list them and a wrong name is refused before any work;
+# spelt out (a type checker cannot read a Literal built from COMPOSITES) and checked against it on import
+CompositeName = Literal[
+    "zero",
+    "epsilon",
+    "gamma",
+    "alpha1_beta0",
+    "alpha2_beta1",
+    "z_plus",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_w_square",
+]
+if get_args(CompositeName) != tuple(COMPOSITES):
+    raise ImportError("xailab.explain.lrp.CompositeName must list COMPOSITES' names in their order")
 
 # How far the rule-carrying copy's logits may be from the model's before canonisation counts as broken
 # (a merged batch norm whose layer output is also used elsewhere): relative to the logits' scale.
@@ -91,6 +107,8 @@ def lrp_model(
 def check_logits(found: Probe, logits: Tensor) -> None:
     """ConfigError when the rule-carrying copy's logits ``[1, K]`` differ from the model's (``found``)."""
     reference = found.logits
+    if reference is None:  # probe() always records them; a hand-made Probe may not
+        raise ConfigError("check_logits needs the Probe returned by probe(): its logits are None")
     error = (logits.float() - reference).abs().max().item()
     scale = reference.abs().max().item() + 1.0
     if error > LOGIT_TOLERANCE.get(found.autocast, 5e-2) * scale:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -190,11 +191,15 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 def merge_norm(layer: nn.Module, norm: nn.Module, where: str) -> None:
     """Fold batch norm ``norm`` (``a x + s`` per channel) into ``layer``'s weight and bias in place: applied
     ``"after"`` the layer (``a (W x + b) + s``) or ``"before"`` a linear layer (``W (a x + s) + b``)."""
-    scale, shift = (t.detach().float() for t in affine_params(norm))
-    weight = layer.weight.detach().float()
+    norm_scale, norm_shift = affine_params(norm)
+    scale = norm_scale.detach().float()
+    shift = cast(Tensor, norm_shift).detach().float()  # a batch norm's shift is always a tensor
+    # ``layer`` is a conv or linear layer (``_merges``): a tensor weight and an optional tensor bias
+    old_weight, old_bias = cast(Tensor, layer.weight), cast("Tensor | None", layer.bias)
+    weight = old_weight.detach().float()
     bias = (
-        layer.bias.detach().float()
-        if layer.bias is not None
+        old_bias.detach().float()
+        if old_bias is not None
         else torch.zeros(weight.shape[0], device=weight.device)
     )
     if where == "after":
@@ -203,7 +208,7 @@ def merge_norm(layer: nn.Module, norm: nn.Module, where: str) -> None:
     else:
         new_weight = weight * scale.view(1, -1)
         new_bias = weight @ shift + bias
-    dtype = layer.weight.dtype
+    dtype = old_weight.dtype
     layer.weight = nn.Parameter(new_weight.to(dtype), requires_grad=False)
     layer.bias = nn.Parameter(new_bias.to(dtype), requires_grad=False)
 

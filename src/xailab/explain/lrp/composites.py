@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -88,7 +89,8 @@ COMPOSITES: dict[str, dict[str, str]] = {
     "epsilon_w_square": {"first": "w_square", "conv": "epsilon", "linear": "epsilon", **_BASE},
 }
 
-Composite = str | Mapping[object, Rule | str]
+# keys of any type (path, "first", layer type, type name, category): Any, so a user's dict[str, str] fits
+Composite = str | Mapping[Any, Rule | str]
 
 
 def build_rule(rule: Rule | str, params: RuleParams) -> Rule:
@@ -102,7 +104,7 @@ def build_rule(rule: Rule | str, params: RuleParams) -> Rule:
     return RULES[rule](params)
 
 
-def composite_map(composite: Composite) -> Mapping[object, Rule | str]:
+def composite_map(composite: Composite) -> Mapping[Any, Rule | str]:
     """The key -> rule mapping of a named composite, or the user's mapping itself."""
     if isinstance(composite, str):
         if composite not in COMPOSITES:
@@ -118,7 +120,7 @@ def composite_map(composite: Composite) -> Mapping[object, Rule | str]:
 
 
 def rule_for(
-    mapping: Mapping[object, Rule | str], path: str, module: nn.Module, first: bool, params: RuleParams
+    mapping: Mapping[Any, Rule | str], path: str, module: nn.Module, first: bool, params: RuleParams
 ) -> Rule | None:
     """The rule of ``module`` at ``path`` (None: the module needs none, e.g. a plain ReLU): by path, then
     ``"first"`` for input layers, then by type or type name, then by category."""

@@ -17,6 +17,7 @@ terms see ``u = x / x`` (value 1, gradient ``1 / x``), so ``x * c_in`` is that r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,10 @@ from torch import Tensor, nn
 from xailab.errors import ConfigError
 
 # The affine layer types every rule applies to, and the saturating activations the pass rule applies to
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# (unannotated so that isinstance narrows to the concrete classes and their typed attributes)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_TYPES = (nn.Linear,)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ReLU)
 AFFINE_TYPES = CONV_TYPES + LINEAR_TYPES + NORM_TYPES
 
@@ -47,13 +49,14 @@ def affine_params(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
         if layer.bias is not None:
             shift = shift + layer.bias
         return scale, shift
-    return layer.weight, layer.bias
+    # every layer a rule is attached to is an AFFINE_TYPES layer: a tensor weight, an optional tensor bias
+    return cast(Tensor, layer.weight), cast("Tensor | None", layer.bias)
 
 
 def affine(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``layer``'s forward with ``weight`` and ``bias`` in place of its own (``[B, C_in, ...] -> [B, C_out, ...]``)."""
     if isinstance(layer, CONV_TYPES):
-        return layer._conv_forward(x, weight, bias)  # type: ignore[operator]  (padding modes included)
+        return layer._conv_forward(x, weight, bias)  # the layer's own padding modes included
     if isinstance(layer, LINEAR_TYPES):
         return F.linear(x, weight, bias)
     if isinstance(layer, NORM_TYPES):
