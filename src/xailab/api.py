@@ -481,7 +481,8 @@ def resume_config(run_dir: str | Path) -> dict[str, Any]:
     train_section = read_run_config(run_dir).get("train")
     if not isinstance(train_section, dict):
         raise ConfigError(f"{run_dir}/config.json has no train section to resume from")
-    return dict(train_section)
+    # a run stored before recipes existed was trained with the plain defaults: never fill it from a recipe
+    return {"recipe": "none", **train_section}
 
 
 # ------------------------------------------------------------------------------------ catalogues, launching
