@@ -12,8 +12,8 @@ from typing import Any
 
 from xailab.registry import Registry
 from xailab.study.runner import CellTask, run_cell
-from xailab.study.shortcut import run_shortcut_cell
 from xailab.study.seed_outputs import run_keras_seed_cell
+from xailab.study.shortcut import run_shortcut_cell
 
 CELL_RUNNERS: Registry[Callable[[CellTask], dict[str, Any]]] = Registry("study kind")
 CELL_RUNNERS.register("grid")(run_cell)

@@ -53,7 +53,8 @@ class StudySpec:
     sanity_method: str = ""
     sanity_images: int = 4
     seed: int = 0
-    kind: str = "grid"  # how each cell runs (xailab.study.kinds): grid, or shortcut (planted marker + control)
+    # how each cell runs (xailab.study.kinds): grid, or shortcut (planted marker + control)
+    kind: str = "grid"
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain JSON-able dict (stored in ``study.json``)."""
