@@ -260,8 +260,17 @@ def test_ensemble_rejects_bad_heads(options: dict) -> None:
         create_model("transfer_ensemble", **{"num_classes": 2, "pretrained": False, **options})
 
 
-def test_ensemble_backbones_stay_frozen_in_train_mode() -> None:
+def test_ensemble_trains_random_backbones_end_to_end_by_default() -> None:
+    # Frozen random features would make the ensemble a linear probe on noise: offline (no ImageNet weights)
+    # the default trains the backbones; with weights (or freeze=True) they stay frozen, as tested below.
     model = create_model("transfer_ensemble", 1, 3, pretrained=False).train()
+    assert not model.frozen
+    assert all(p.requires_grad for p in model.parameters())
+    assert count_parameters(model, trainable_only=True) == count_parameters(model)
+
+
+def test_ensemble_backbones_stay_frozen_in_train_mode() -> None:
+    model = create_model("transfer_ensemble", 1, 3, pretrained=False, freeze=True).train()
     backbones = [model.mobilenet, model.densenet]
     assert model.training and model.head.training
     assert not any(m.training for b in backbones for m in b.modules())

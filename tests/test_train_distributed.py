@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -68,12 +69,20 @@ class StopAfter:
 
 
 def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    """``n`` free ports below Linux's ephemeral range (32768-60999). A port the OS hands out (bind to 0) can be
+    given again as the ephemeral source port of a later connection, and a rank connecting to a rendezvous
+    port that is its own source port connects to itself and waits forever (seen once in the full suite)."""
+    rng = random.Random(os.getpid())
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
