@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from xailab.data import load_dataset
+from xailab.device import cpu_name  # the processor's model name, as runs record it
 from xailab.io import write_json, write_text
 from xailab.models import model_input_size
 from xailab.train import TrainConfig, predict_logits, train
 from xailab.train.checkpoint import load_weights
-from xailab.train.loop import _cpu_name  # the processor's model name, as runs record it
 
 # The multi-model seed's claimed test accuracies (claims, not measurements): model -> dataset -> accuracy.
 SEED_CLAIMS: dict[str, dict[str, float]] = {
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out = str(out / stamp)  # every benchmark run trains fresh (no resumed runs)
-    machine = f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     rows = []
     for cell in args.cells.split(","):
         dataset_name, model = cell.strip().split(":")

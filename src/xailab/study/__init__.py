@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from xailab.device import cpu_name
 from xailab.io import folder_lock, remove_orphans, write_json
 from xailab.registry import Registry
 from xailab.study.executors import EXECUTORS
@@ -26,7 +27,6 @@ from xailab.study.runner import Cell, CellTask, cell_key, expand_cells, run_cell
 from xailab.study.spec import StudySpec, read_study, spec_from_dict
 from xailab.study.tracking import TRACKERS
 from xailab.train import resolve_device
-from xailab.train.loop import _cpu_name as cpu_name
 
 __all__ = [
     "EXECUTORS",

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from xailab import autotune
 from xailab.data import Dataset, ImageSet, load_dataset, stratified_split
 from xailab.data.transforms import augment_batch, to_model_input
+from xailab.device import autocast, bf16_is_fast, cpu_name, resolve_device
 from xailab.errors import CheckpointError, ConfigError, TrainingDiverged
 from xailab.io import folder_lock, remove_orphans, write_json, write_text
 from xailab.models import count_macs, count_parameters, create_model, model_input_size, size_options
@@ -53,25 +54,6 @@ HISTORY_COLUMNS = (
 # An epoch whose mean loss exceeds this many times the loss at the start (or ln K, a uniform guess's loss,
 # if higher) has diverged: a loss that large means the weights are no longer learning anything.
 DIVERGENCE_FACTOR = 10.0
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; any other string is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds this device up (CUDA with bf16, or a CPU with native bf16 in oneDNN).
-
-    On CPUs without AVX-512 BF16/AMX, bf16 convolutions are emulated and several times slower than fp32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -112,13 +94,6 @@ def resolve_precision(
     if config.channels_last is not None:
         return dtype, config.channels_last
     return dtype, device.type == "cuda" or dtype is not None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    """An autocast context for ``dtype``, or a no-op when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -221,17 +196,6 @@ def default_run_name(config: TrainConfig) -> str:
     return f"{config.model}__{config.dataset}"
 
 
-def _cpu_name() -> str:
-    """The processor's model name (``platform.processor()`` is empty on most Linux systems)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment(
     device: torch.device, dtype: torch.dtype | None, ctx: distributed.DistributedContext
 ) -> dict[str, Any]:
@@ -239,7 +203,7 @@ def _environment(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "precision": "bf16-autocast" if dtype is not None else "fp32",
         "world_size": ctx.world_size,
