@@ -346,6 +346,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_method_option(p: argparse.ArgumentParser) -> None:
+    """``--method-option [METHOD.]KEY=VALUE``, shared by ``explain`` and ``assess``."""
+    p.add_argument(
+        "--method-option",
+        action="append",
+        metavar="[METHOD.]KEY=VALUE",
+        help="a method parameter, repeatable: METHOD.KEY=VALUE for one method (e.g. "
+        "integrated_gradients.n_steps=32), KEY=VALUE for every chosen method that takes KEY "
+        "(e.g. internal_batch_size=64)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xailab", description="Train, compare and explain image classifiers."
@@ -420,14 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 runs the model under bfloat16 autocast (fast on GPUs and CPUs with native bf16); auto: "
         "bf16 where the autotuner measured it faster and as accurate (xailab speed)",
     )
-    p.add_argument(
-        "--method-option",
-        action="append",
-        metavar="[METHOD.]KEY=VALUE",
-        help="a method parameter, repeatable: METHOD.KEY=VALUE for one method (e.g. "
-        "integrated_gradients.n_steps=32), KEY=VALUE for every chosen method that takes KEY "
-        "(e.g. internal_batch_size=64)",
-    )
+    _add_method_option(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("assess", help="score a run's explanations: faithfulness, robustness, sanity checks")
@@ -450,14 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_strict_int, default=64, help="images explained per call (default: 64)"
     )
     p.add_argument("--seed", type=_strict_int, default=0)
-    p.add_argument(
-        "--method-option",
-        action="append",
-        metavar="[METHOD.]KEY=VALUE",
-        help="a method parameter, repeatable: METHOD.KEY=VALUE for one method (e.g. "
-        "integrated_gradients.n_steps=32), KEY=VALUE for every chosen method that takes KEY "
-        "(e.g. internal_batch_size=64)",
-    )
+    _add_method_option(p)
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_assess)
 
