@@ -3,6 +3,10 @@
 Reads ``study.json`` and each cell's ``record.json`` (typed ``CellRecord``s, validated as they are read) plus
 the image files the study layer drew; draws the cross-cell charts into ``report_files/`` and renders Jinja2
 templates. No model is loaded here.
+
+A method that does not apply to a cell's model (``CellRecord.skipped_methods``) reads "n/a — needs ..." in
+that cell's tables; models on one dataset are shown side by side on the same test images, per method they
+share; a two-class cell's true and false positives and negatives get four galleries.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jinja2
 
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
-from xailab.records import CellRecord, read_cell_record
+from xailab.records import QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
 from xailab.report.shortcut import report_context as ground_truth_context
 
@@ -32,6 +36,7 @@ SECTIONS = (
     ("confusion", "Confusion matrices"),
     ("misclassified", "Misclassifications"),
     ("galleries", "Explanation galleries"),
+    ("sidebyside", "Models side by side"),
     ("quality", "Explanation quality"),
     ("agreement", "Agreement between methods"),
     ("sanity", "Sanity checks"),
@@ -39,6 +44,13 @@ SECTIONS = (
     ("environment", "Environment and command"),
 )
 SHORTCUT_SECTION = ("shortcut", "Which explanation finds the shortcut?")  # before "environment" in the page
+QUADRANT_SECTION = ("quadrants", "True and false positives and negatives")  # after "misclassified"
+QUADRANT_TITLES = {
+    "TP": "true positives: {p} predicted {p}",
+    "FP": "false positives: {n} predicted {p}",
+    "TN": "true negatives: {n} predicted {n}",
+    "FN": "false negatives: {p} predicted {n}",
+}
 RESULT_COLUMNS = (
     ("model", "model"),
     ("options", "options"),
@@ -147,8 +159,15 @@ def by_dataset(records: Sequence[Record]) -> dict[str, list[Record]]:
     return groups
 
 
+def not_applicable(rec: Record, method: str) -> str | None:
+    """``n/a — needs attention, tokens`` when ``method`` was skipped on the cell's model, else None."""
+    skipped = rec.skipped_methods.get(method)
+    return f"n/a — {skipped.reason}" if skipped is not None else None
+
+
 def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged."""
+    """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged. A
+    method skipped on the cell's model gets a row whose ``na`` says what it needs."""
     quality = rec.section("quality", {})
     best: dict[str, str] = {}
     for metric in metrics:
@@ -165,15 +184,20 @@ def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> 
                 "-" if math.isnan(s["mean"]) else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
             )
             cells[metric] = {"text": text, "best": best.get(metric) == method}
-        rows.append({"method": method, "scores": cells})
+        rows.append({"method": method, "scores": cells, "na": None})
+    rows += [{"method": m, "scores": {}, "na": not_applicable(rec, m)} for m in rec.skipped_methods]
     return rows
 
 
-def sanity_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Per cell: the sanity method, Spearman after the first and after all layers, and a verdict."""
-    rows = []
+def sanity_rows(records: Sequence[Record], method: str = "") -> list[dict[str, Any]]:
+    """Per cell: the sanity method, Spearman after the first and after all layers, and a verdict; a cell
+    whose model the study's sanity ``method`` does not apply to gets a row whose ``na`` says what it needs."""
+    rows: list[dict[str, Any]] = []
     for rec in records:
         s = rec.section("sanity")
+        na = not_applicable(rec, method) if method else None
+        if na is not None:
+            rows.append({"cell": rec.cell, "method": method, "na": na})
         if not s:
             continue
         final = s["mean_spearman"][-1]
@@ -187,9 +211,119 @@ def sanity_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
                 "final_ssim": s["mean_ssim"][-1],
                 "passes": final is not None and not math.isnan(final) and abs(final) < SANITY_THRESHOLD,
                 "figure": f"{rec.cell}/{s['figure']}",
+                "na": None,
             }
         )
     return rows
+
+
+def common_images(galleries: Sequence[Sequence[dict[str, Any]]]) -> int:
+    """How many leading gallery images all ``galleries`` share (the same test index at each position)."""
+    n = 0
+    while all(n < len(g) for g in galleries) and len({g[n]["index"] for g in galleries}) == 1:
+        n += 1
+    return n
+
+
+def side_by_side_row(rec: Record, tiles: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    """One model's row of a side-by-side table: per image its prediction and its maps' paths from the report."""
+    return {
+        "cell": rec.cell,
+        "name": rec.cell.split("__")[0],
+        "tiles": [
+            {
+                "index": t["index"],
+                "prediction": t["prediction"],
+                "correct": t["prediction"] == t["label"],
+                "maps": {m: f"{rec.cell}/{t['maps'][m]}" for m in methods},
+            }
+            for t in tiles
+        ],
+    }
+
+
+def side_by_side(groups: dict[str, list[Record]], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Per dataset with several cells: the gallery images every cell explained (same test indices, same
+    order) and one row per cell, for the methods every cell ran (in study order); the others are listed with
+    the cells that lack them and why."""
+    blocks: list[dict[str, Any]] = []
+    for dataset, recs in groups.items():
+        galleries = [rec.section("gallery") or [] for rec in recs]
+        if len(recs) < 2 or not all(galleries):
+            continue
+        n = common_images(galleries)
+        shared = [m for m in methods if all(m in g[0]["maps"] for g in galleries)]
+        if not n or not shared:
+            continue
+        lacking = {
+            m: "; ".join(
+                f"{rec.cell}: {not_applicable(rec, m) or 'not run'}"
+                for rec, g in zip(recs, galleries, strict=True)
+                if m not in g[0]["maps"]
+            )
+            for m in methods
+            if m not in shared
+        }
+        images = [
+            {"index": t["index"], "label": t["label"], "input": f"{recs[0].cell}/{t['input']}"}
+            for t in galleries[0][:n]
+        ]
+        rows = [side_by_side_row(rec, g[:n], shared) for rec, g in zip(recs, galleries, strict=True)]
+        blocks.append(
+            {"dataset": dataset, "methods": shared, "not_shared": lacking, "images": images, "rows": rows}
+        )
+    return blocks
+
+
+def quadrant_blocks(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Per two-class cell with quadrant galleries: the positive and negative class, the method, and per
+    outcome (TP, FP, TN, FN) its title, its count on the test split and its tiles (paths from the report)."""
+    blocks: list[dict[str, Any]] = []
+    for rec in records:
+        q = rec.quadrants
+        if q is None:
+            continue
+        blocks.append(
+            {
+                "cell": rec.cell,
+                "method": q.method,
+                "positive": q.positive,
+                "negative": q.negative,
+                "quadrants": [
+                    {
+                        "name": name,
+                        "title": QUADRANT_TITLES[name].format(p=q.positive, n=q.negative),
+                        "count": q.counts[name],
+                        "tiles": [
+                            {
+                                "index": t.index,
+                                "label": t.label,
+                                "prediction": t.prediction,
+                                "confidence": t.confidence,
+                                "input": f"{rec.cell}/{t.input}",
+                                "map": f"{rec.cell}/{t.maps[q.method]}",
+                            }
+                            for t in q.galleries[name]
+                        ],
+                    }
+                    for name in QUADRANTS
+                ],
+            }
+        )
+    return blocks
+
+
+def page_sections(shortcut: bool, quadrants: bool) -> tuple[tuple[str, str], ...]:
+    """The report's sections in page order: the quadrant galleries after the misclassifications and the
+    shortcut section before the environment, each only when the study has them."""
+    sections: list[tuple[str, str]] = []
+    for section in SECTIONS:
+        if section[0] == "environment" and shortcut:
+            sections.append(SHORTCUT_SECTION)
+        sections.append(section)
+        if section[0] == "misclassified" and quadrants:
+            sections.append(QUADRANT_SECTION)
+    return tuple(sections)
 
 
 def build_report(study_dir: str | Path) -> Path:
@@ -224,17 +358,20 @@ def build_report(study_dir: str | Path) -> Path:
     figures["agreement"] = "report_files/" + charts.save(
         charts.agreement_matrices(flat), files / "agreement.png"
     )
-    sanity = sanity_rows(records)
-    if sanity:
+    sanity = sanity_rows(records, spec.get("sanity_method", ""))
+    if any(row["na"] is None for row in sanity):
         figures["sanity"] = "report_files/" + charts.save(charts.sanity_curves(flat), files / "sanity.png")
 
+    quadrants = quadrant_blocks(records)
     truth = ground_truth_context(flat, files, metrics, info, SANITY_THRESHOLD)  # report/shortcut.py
     context = {
         "study": study,
         "spec": spec,
         "records": flat,
         "groups": flat_groups,
-        "sections": (*SECTIONS[:-1], SHORTCUT_SECTION, SECTIONS[-1]) if truth["shortcut"] else SECTIONS,
+        "sections": page_sections(bool(truth["shortcut"]), bool(quadrants)),
+        "side_by_side": side_by_side(groups, spec["methods"]),
+        "quadrants": quadrants,
         **truth,
         "columns": RESULT_COLUMNS,
         "rows": [{k: fmt(k, v) for k, v in row.items()} for row in rows],

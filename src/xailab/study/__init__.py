@@ -23,7 +23,7 @@ from xailab.device import cpu_name
 from xailab.io import folder_lock, remove_orphans, write_json
 from xailab.registry import Registry
 from xailab.study.executors import EXECUTORS
-from xailab.study.runner import Cell, CellTask, cell_key, expand_cells, run_cell
+from xailab.study.runner import Cell, CellTask, cell_key, check_methods_apply, expand_cells, run_cell
 from xailab.study.spec import StudySpec, read_study, spec_from_dict
 from xailab.study.tracking import TRACKERS
 from xailab.train import resolve_device
@@ -129,6 +129,7 @@ def run_study(
     spec = load_study(study)
     run_executor = EXECUTORS.get(executor)
     cells = expand_cells(spec, data_dir)
+    check_methods_apply(spec, cells)  # a method that applies to no model fails now, not after training
     study_dir = Path(out) / spec.name
     with folder_lock(study_dir, "study folder"):  # a second `xailab run` on it stops with a clear error
         remove_orphans(study_dir)

@@ -7,10 +7,18 @@ A cell is one model (with one combination of grid options) on one dataset and li
 atomically. A re-run skips a cell whose record carries the same cell key (recipe + explanation settings),
 reuses a finished training run of the same recipe, and resumes a run killed mid-training from its last
 checkpoint, so an interrupted study loses at most the epoch in progress.
+
+A study may list methods that apply to some of its models only (the transformer methods need a ViT's
+attention and tokens, LRP a CNN's convolutions; a method declares what it ``needs``). Each cell explains and
+assesses the methods that apply to its model and records the others with what they need
+(``CellRecord.skipped_methods``); ``check_methods_apply`` refuses, before anything trains, a method that
+applies to no model of the study. A cell on a two-class dataset also gets galleries of its true and false
+positives and negatives (``CellRecord.quadrants``, positive = class index 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -21,28 +29,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from xailab.data import Dataset, load_dataset
 from xailab.data.transforms import to_model_input
-from xailab.errors import CheckpointError, XailabError
-from xailab.explain.base import explain
+from xailab.errors import CheckpointError, ConfigError, XailabError
+from xailab.explain.base import explain, model_capabilities, resolve_method
 from xailab.explain.figures import overlay, save_figure, to_rgb
 from xailab.io import atomic_write, remove_orphans
 from xailab.metrics.assessment import Assessment, assess
-from xailab.models import model_input_size
-from xailab.records import CellRecord, read_cell_record
+from xailab.models import create_model, model_input_size, random_init_options, size_options
+from xailab.records import CELL_RECORD_VERSION, QUADRANTS, CellRecord, SkippedMethod, read_cell_record
 from xailab.report.assessment import sanity_overlay_figure
 from xailab.study.spec import StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, resolve_device, train
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta
 
-RECORD_VERSION = 1
+# Part of every cell key. It stayed 1 when records reached version 2 (skipped methods, quadrants): a finished
+# cell's record stays valid, only a two-class cell without quadrants is redone (``record_is_current``).
+CELL_KEY_VERSION = 1
 # Keys that pick the cells and their recipe: the recipe's own hash covers them, so the other cells' keys stay
 # the same when a model or dataset is added to the study.
 CELL_DEFINING_KEYS = frozenset(
@@ -115,7 +124,7 @@ def cell_key(spec: StudySpec, cell: Cell) -> str:
     and metric settings. A record with the same key is reused as it is."""
     explain_part = {k: v for k, v in spec.to_dict().items() if k not in CELL_DEFINING_KEYS}
     payload = {
-        "version": RECORD_VERSION,
+        "version": CELL_KEY_VERSION,
         "recipe": config_hash(cell.config),
         "epochs": cell.config.epochs,
         "early_stopping": cell.config.early_stopping,
@@ -144,7 +153,87 @@ def finished_record(spec: StudySpec, cell: Cell, cell_dir: Path) -> CellRecord |
         record = read_cell_record(path)
     except XailabError:
         return None  # written atomically, so only a hand-edited file is broken: redo the cell
-    return record if record.cell_key == cell_key(spec, cell) else None
+    return record if record.cell_key == cell_key(spec, cell) and record_is_current(record) else None
+
+
+def record_is_current(record: CellRecord) -> bool:
+    """Whether a record holds what this runner writes: a two-class cell's record written before version 2
+    lacks the true/false positive/negative galleries, so the cell is re-assessed (its training is reused)."""
+    return len(record.class_names) != 2 or record.quadrants is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which of the study's methods apply to which cell
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """The study's methods split for one model: those that apply to it (in study order) and the skipped
+    ones with the capabilities they need that the model lacks."""
+
+    applicable: tuple[str, ...]
+    skipped: dict[str, SkippedMethod]
+
+
+def plan_methods(methods: Sequence[str], capabilities: frozenset[str]) -> MethodPlan:
+    """Split ``methods`` by whether a model offering ``capabilities`` (``model_capabilities``) meets each
+    method's ``needs``."""
+    applicable: list[str] = []
+    skipped: dict[str, SkippedMethod] = {}
+    for method in methods:
+        missing = resolve_method(method).needs - capabilities
+        if missing:
+            skipped[method] = SkippedMethod(needs=tuple(sorted(missing)), offers=tuple(sorted(capabilities)))
+        else:
+            applicable.append(method)
+    return MethodPlan(tuple(applicable), skipped)
+
+
+def cell_capabilities(cell: Cell) -> frozenset[str]:
+    """What the cell's model offers explanation methods, from a freshly built model (random weights, never
+    loaded: its structure decides, e.g. a ``Conv2d`` or a ViT's declared attention and tokens)."""
+    cfg = cell.config
+    size = cfg.image_size or model_input_size(cfg.model)[0]
+    options = {**size_options(cfg.model, (size, size)), **cfg.model_options, **random_init_options(cfg.model)}
+    return model_capabilities(create_model(cfg.model, in_channels=cfg.channels or 3, **options))
+
+
+def check_methods_apply(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, MethodPlan]:
+    """Before anything trains: each of the study's methods must apply to at least one cell's model, and each
+    cell must keep at least one method, else a ConfigError naming the method (or cell) and what the models
+    offer. Returns each cell's plan. Models are built only when a method needs a capability."""
+    if not any(resolve_method(m).needs for m in spec.methods):
+        return {c.name: MethodPlan(tuple(spec.methods), {}) for c in cells}
+    built: dict[str, frozenset[str]] = {}  # cells sharing a model and options share one build
+    plans: dict[str, MethodPlan] = {}
+    for cell in cells:
+        what = json.dumps(
+            [cell.model, cell.config.model_options, cell.config.image_size], sort_keys=True, default=str
+        )
+        if what not in built:
+            built[what] = cell_capabilities(cell)
+        plans[cell.name] = plan_methods(spec.methods, built[what])
+    for method in spec.methods:
+        if all(method in plan.skipped for plan in plans.values()):
+            offers = "; ".join(
+                f"{name} offers {', '.join(plan.skipped[method].offers) or 'nothing'}"
+                for name, plan in plans.items()
+            )
+            needs = ", ".join(sorted(resolve_method(method).needs))
+            raise ConfigError(
+                f"study {spec.name}: methods: {method!r} applies to none of the study's models "
+                f"({', '.join(spec.models)}): it needs a model with {needs} ({offers}). Remove it from methods "
+                f"or add a model that offers {needs}"
+            )
+    for name, plan in plans.items():
+        if not plan.applicable:
+            raise ConfigError(
+                f"study {spec.name}: cell {name} has no method that applies to its model (skipped: "
+                + "; ".join(f"{m} {s.reason}" for m, s in plan.skipped.items())
+                + "); add a method that applies to every model, e.g. saliency or gradcam"
+            )
+    return plans
 
 
 def cell_dataset(cell: Cell) -> Dataset:
@@ -207,7 +296,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         return {**done.to_dict(), "skipped": True}
     dataset = cell_dataset(cell)
     run = train_cell(cell, cell_dir, dataset, task.callbacks, task.progress)
-    record = CellRecord.from_dict(assess_cell(spec, cell, run, dataset, cell_dir), where=f"{cell.name}:")
+    data = assess_cell(spec, cell, run, dataset, cell_dir, quadrants=True)
+    record = CellRecord.from_dict(data, where=f"{cell.name}:")
     record.write(cell_dir)
     return {**record.to_dict(), "skipped": False}
 
@@ -235,14 +325,17 @@ def gallery_tiles(
     labels: Sequence[str],
     predictions: Sequence[str],
     confidences: Sequence[float],
+    *,
+    indices: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """One input tile and one overlay tile per method for each image ``[N, H, W, C]`` (maps ``[N, 1, H, W]``),
-    written to ``out``; returns per image its label, prediction and the tiles' paths relative to the cell."""
+    written to ``out``; returns per image its index in the test split (``indices``, default ``0..N-1``),
+    label, prediction and the tiles' paths relative to the cell."""
     rows = []
     for i in range(images.shape[0]):
         rows.append(
             {
-                "index": i,
+                "index": int(indices[i]) if indices is not None else i,
                 "label": labels[i],
                 "prediction": predictions[i],
                 "confidence": round(float(confidences[i]), 4),
@@ -282,35 +375,79 @@ def misclassification_figure(
     return fig
 
 
-def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_dir: Path) -> dict[str, Any]:
-    """Explain the first ``spec.n_explain`` test images with every method, score the maps with every metric,
-    compare the methods, run the sanity check and draw the cell's tiles and figures; the cell's record."""
-    model = run.model.eval()
-    device = next(model.parameters()).device
-    names = list(dataset.class_names)
+@dataclass(frozen=True)
+class Predictions:
+    """A trained cell's predictions on its whole test split: classes ``[N]`` and probabilities ``[N, K]``
+    (CPU), and the measured inference speed."""
+
+    predicted: Tensor
+    probs: Tensor
+    images_per_s: float
+
+
+def predict_test(run: Run, dataset: Dataset) -> Predictions:
+    """Classify every test image of ``dataset`` with the run's model (timed)."""
     test = dataset["test"]
     t0 = time.perf_counter()
-    logits = predict_logits(model, test.images, dataset.mean, dataset.std, run.config.eval_batch_size)
-    inference_seconds = time.perf_counter() - t0
+    logits = predict_logits(
+        run.model.eval(), test.images, dataset.mean, dataset.std, run.config.eval_batch_size
+    )
+    seconds = time.perf_counter() - t0
     probs = logits.softmax(1).cpu()
-    predicted = probs.argmax(1)
+    return Predictions(probs.argmax(1), probs, round(len(test) / max(seconds, 1e-9), 1))
+
+
+def explaining_method(preferred: str, plan: MethodPlan) -> str:
+    """The method that explains misclassified and quadrant images: ``preferred`` (the study's
+    ``misclassification_method``) when it applies to the cell's model, else the first study method that does."""
+    return preferred if preferred in plan.applicable else plan.applicable[0]
+
+
+def explain_images(
+    spec: StudySpec, model: nn.Module, dataset: Dataset, indices: Tensor, targets: Tensor, method: str
+) -> Tensor:
+    """``method``'s maps ``[N, 1, H, W]`` (CPU) of the test images at ``indices`` ``[N]`` for ``targets`` ``[N]``."""
+    device = next(model.parameters()).device
+    x = to_model_input(dataset["test"].images[indices].to(device), dataset.mean, dataset.std).contiguous()
+    return explain(model, x, method, target=targets.to(device), **spec.method_params.get(method, {})).cpu()
+
+
+def assess_cell(
+    spec: StudySpec,
+    cell: Cell,
+    run: Run,
+    dataset: Dataset,
+    cell_dir: Path,
+    *,
+    quadrants: bool = False,
+) -> dict[str, Any]:
+    """Explain the first ``spec.n_explain`` test images with every method that applies to the cell's model,
+    score the maps with every metric, compare the methods, run the sanity check and draw the cell's tiles and
+    figures; the cell's record. ``quadrants``: on a two-class dataset, also the galleries of true and false
+    positives and negatives."""
+    model = run.model.eval()
+    plan = plan_methods(spec.methods, model_capabilities(model))
+    names = list(dataset.class_names)
+    test = dataset["test"]
+    pred = predict_test(run, dataset)
     labels = test.labels.cpu()
 
     n = min(spec.n_explain, len(test))
     images = test.images[:n]
+    device = next(model.parameters()).device
     x = to_model_input(images.to(device), dataset.mean, dataset.std).contiguous()
-    targets = predicted[:n].to(device)
+    sanity_method = spec.sanity_method if spec.sanity_method in plan.applicable else ""
     assessment = assess(
         model,
         x,
-        targets,
-        spec.methods,
+        pred.predicted[:n].to(device),
+        plan.applicable,
         spec.metrics,
         model_name=cell.name,
         method_params=spec.method_params,
         metric_params=spec.metric_params,
         seed=spec.seed,
-        sanity_methods=[spec.sanity_method] if spec.sanity_method else [],
+        sanity_methods=[sanity_method] if sanity_method else [],
         sanity_images=spec.sanity_images,
         sanity_seed=spec.seed + 42,
         n_examples=1,
@@ -318,7 +455,9 @@ def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_di
     )
     maps = dict(assessment.maps)
     tensors = {f"map.{m}": t.contiguous() for m, t in maps.items()}
-    tensors.update(images=images.contiguous(), labels=labels[:n].clone(), predictions=predicted[:n].clone())
+    tensors.update(
+        images=images.contiguous(), labels=labels[:n].clone(), predictions=pred.predicted[:n].clone()
+    )
     atomic_write(cell_dir / "explanations.safetensors", lambda p: save_file(tensors, str(p)))
 
     g = min(spec.n_gallery, n)
@@ -327,12 +466,12 @@ def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_di
         images[:g],
         {m: t[:g] for m, t in maps.items()},
         [names[int(c)] for c in labels[:g]],
-        [names[int(c)] for c in predicted[:g]],
-        probs[:g].amax(1).tolist(),
+        [names[int(c)] for c in pred.predicted[:g]],
+        pred.probs[:g].amax(1).tolist(),
     )
 
     record: dict[str, Any] = {
-        "version": RECORD_VERSION,
+        "version": CELL_RECORD_VERSION,
         "cell": cell.name,
         "cell_key": cell_key(spec, cell),
         "study": spec.name,
@@ -348,65 +487,110 @@ def assess_cell(spec: StudySpec, cell: Cell, run: Run, dataset: Dataset, cell_di
         "best_epoch": run.metrics.get("best_epoch"),
         "train_seconds": run.metrics.get("train_seconds"),
         "train_images_per_s": run.metrics.get("train_images_per_s"),
-        "inference_images_per_s": round(len(test) / max(inference_seconds, 1e-9), 1),
+        "inference_images_per_s": pred.images_per_s,
         "history": run.history,
         "explain": {
-            "methods": list(spec.methods),
+            "methods": list(plan.applicable),
             "n": n,
             "seconds_per_image": dict(assessment.seconds_per_image),
         },
+        "skipped_methods": {m: dataclasses.asdict(s) for m, s in plan.skipped.items()},
         "gallery": gallery,
     }
     meta = read_run_config(cell_dir)
     record.update(parameters=meta["model"]["parameters"], macs=meta["model"]["macs"])
     record["environment"] = meta.get("environment", {})
-    record["misclassified"] = _misclassified(spec, model, dataset, predicted, probs, cell_dir)
+    method = explaining_method(spec.misclassification_method, plan)
+    record["misclassified"] = _misclassified(spec, model, dataset, pred, method, cell_dir)
+    if quadrants and len(names) == 2:
+        record["quadrants"] = quadrant_galleries(spec, model, dataset, pred, method, cell_dir)
     record["quality"] = assessment.quality()
     record["metric_info"] = {m: vars(i) for m, i in assessment.metric_info.items()}
     record["agreement"] = assessment.to_json()["agreement"]
-    record["sanity"] = _sanity_figure(assessment, spec.sanity_method, images[0], cell_dir)
+    record["sanity"] = _sanity_figure(assessment, sanity_method, images[0], cell_dir)
     return record
 
 
 def _misclassified(
-    spec: StudySpec,
-    model: torch.nn.Module,
-    dataset: Dataset,
-    predicted: Tensor,
-    probs: Tensor,
-    cell_dir: Path,
+    spec: StudySpec, model: nn.Module, dataset: Dataset, pred: Predictions, method: str, cell_dir: Path
 ) -> dict[str, Any]:
-    """The first ``spec.n_misclassified`` wrong test predictions, explained for the predicted and the true class."""
+    """The first ``spec.n_misclassified`` wrong test predictions, explained by ``method`` for the predicted
+    and the true class."""
     test = dataset["test"]
-    wrong = (predicted != test.labels.cpu()).nonzero().flatten()
-    method = spec.misclassification_method or spec.methods[0]
+    labels = test.labels.cpu()
+    wrong = (pred.predicted != labels).nonzero().flatten()
     out: dict[str, Any] = {"method": method, "total": int(wrong.numel()), "figure": None, "items": []}
     chosen = wrong[: spec.n_misclassified]
     if spec.n_misclassified == 0 or chosen.numel() == 0:
         return out
-    device = next(model.parameters()).device
-    images = test.images[chosen]
-    x = to_model_input(images.to(device), dataset.mean, dataset.std).contiguous()
-    params = spec.method_params.get(method, {})
-    for_predicted = explain(model, x, method, target=predicted[chosen].to(device), **params).cpu()
-    for_true = explain(model, x, method, target=test.labels[chosen].to(device), **params).cpu()
+    for_predicted = explain_images(spec, model, dataset, chosen, pred.predicted[chosen], method)
+    for_true = explain_images(spec, model, dataset, chosen, labels[chosen], method)
     names = dataset.class_names
-    titles = [(names[int(test.labels[i])], names[int(predicted[i])]) for i in chosen]
-    fig = misclassification_figure(images, for_predicted, for_true, titles, method)
+    titles = [(names[int(labels[i])], names[int(pred.predicted[i])]) for i in chosen]
+    fig = misclassification_figure(test.images[chosen], for_predicted, for_true, titles, method)
     save_figure(fig, cell_dir / "misclassified.png")
     out["figure"] = "misclassified.png"
     out["items"] = [
-        {"index": int(i), "true": t, "predicted": p, "confidence": round(float(probs[i].max()), 4)}
+        {"index": int(i), "true": t, "predicted": p, "confidence": round(float(pred.probs[i].max()), 4)}
         for i, (t, p) in zip(chosen.tolist(), titles, strict=True)
     ]
     return out
+
+
+def quadrant_indices(labels: Tensor, predicted: Tensor) -> dict[str, Tensor]:
+    """Test indices (in test order) of each outcome of a two-class task, the positive class being class
+    index 1: ``TP`` (1 predicted 1), ``FP`` (0 predicted 1), ``TN`` (0 predicted 0), ``FN`` (1 predicted 0).
+    ``labels``, ``predicted``: ``[N]``."""
+    positive, called = labels == 1, predicted == 1
+    masks = {
+        "TP": positive & called,
+        "FP": ~positive & called,
+        "TN": ~positive & ~called,
+        "FN": positive & ~called,
+    }
+    return {q: masks[q].nonzero().flatten() for q in QUADRANTS}
+
+
+def quadrant_galleries(
+    spec: StudySpec, model: nn.Module, dataset: Dataset, pred: Predictions, method: str, cell_dir: Path
+) -> dict[str, Any]:
+    """The ``quadrants`` entry of a two-class cell: the count of each outcome on the test split and up to
+    ``spec.n_gallery`` images of each (the first in test order), explained by ``method`` for the predicted
+    class, as tiles in ``quadrant_<TP|FP|TN|FN>/``."""
+    test = dataset["test"]
+    names = dataset.class_names
+    found = quadrant_indices(test.labels.cpu(), pred.predicted)
+    galleries: dict[str, list[dict[str, Any]]] = {}
+    for q in QUADRANTS:
+        chosen = found[q][: spec.n_gallery]
+        maps = (
+            {method: explain_images(spec, model, dataset, chosen, pred.predicted[chosen], method)}
+            if chosen.numel()
+            else {}
+        )
+        galleries[q] = gallery_tiles(
+            cell_dir / f"quadrant_{q}",
+            test.images[chosen],
+            maps,
+            [names[int(test.labels[i])] for i in chosen],
+            [names[int(pred.predicted[i])] for i in chosen],
+            pred.probs[chosen].amax(1).tolist(),
+            indices=chosen.tolist(),
+        )
+    return {
+        "method": method,
+        "positive": names[1],
+        "negative": names[0],
+        "counts": {q: int(found[q].numel()) for q in QUADRANTS},
+        "galleries": galleries,
+    }
 
 
 def _sanity_figure(
     assessment: Assessment, method: str, image: Tensor, cell_dir: Path
 ) -> dict[str, Any] | None:
     """Draw ``sanity.png`` from the assessment's randomisation check of ``method`` on ``image`` ``[H, W, C]``;
-    the record's ``sanity`` entry (None when no check was asked for)."""
+    the record's ``sanity`` entry (None when no check was asked for, or its method does not apply)."""
     if not method:
         return None
     curves = assessment.sanity[method]
