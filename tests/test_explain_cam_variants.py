@@ -1,4 +1,6 @@
-"""XGrad-CAM, LayerCAM, Smooth Grad-CAM++, SS-CAM and IS-CAM: parity with torchcam 0.5.0 on zoo models.
+"""XGrad-CAM, LayerCAM, Smooth Grad-CAM++, SS-CAM and IS-CAM: parity with torchcam 0.5.0 on zoo models (the
+gradient CAMs on every convolutional zoo model, the ImageNet backbones included; SS-CAM and IS-CAM, one
+forward pass per channel, on the 32x32 zoo).
 
 torchcam returns ``ReLU(sum_k w_k A_k)`` at the layer's resolution; ``normalized=False`` and a bilinear
 upsampling give xailab's maps. Random methods are compared on the same noise (drawn as torchcam draws it),
@@ -23,6 +25,23 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_CLASSES = 5
 SMALL_MODELS = ("mnist_cnn", "keras_cnn", "simple_cnn", "efficient_cnn", "mobilenetv2", "resnet18")
+IMAGENET_MODELS = ("mobilenetv2_imagenet", "densenet169", "transfer_ensemble")  # 224x224: slow on a CPU
+# The Score-CAM family runs one forward pass per channel of the explained layer, per sample and image. Beyond
+# mnist_cnn and keras_cnn the CAM layers have 256 to 1280 channels (minutes on a shared CPU), so those models
+# are compared at a 64-channel layer of theirs, one image, and marked slow; the ImageNet backbones (1280 to
+# 2944 channels at 224x224) are left to the gradient CAMs.
+SCORE_LAYERS = {
+    "simple_cnn": "features.0",
+    "resnet18": "layer1",
+    "efficient_cnn": "blocks.0",
+    "mobilenetv2": "blocks.6",
+}
+SCORE_SLOW = tuple(SCORE_LAYERS)
+
+
+def zoo(names, slow=()) -> list:
+    """``names`` as test parameters, those in ``slow`` marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
 
 
 def build(name: str) -> nn.Module:
@@ -60,7 +79,7 @@ def assert_maps_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("name", SMALL_MODELS)
+@pytest.mark.parametrize("name", zoo(SMALL_MODELS + IMAGENET_MODELS, slow=IMAGENET_MODELS))
 @pytest.mark.parametrize(("method", "reference"), [("xgradcam", "XGradCAM"), ("layercam", "LayerCAM")])
 def test_gradient_cams_match_torchcam(name, method, reference):
     model = build(name)
@@ -71,7 +90,7 @@ def test_gradient_cams_match_torchcam(name, method, reference):
     assert_maps_close(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("name", zoo(SMALL_MODELS + IMAGENET_MODELS, slow=IMAGENET_MODELS))
 @pytest.mark.parametrize("n_samples", [1, 3])
 def test_smooth_gradcam_plus_plus_matches_torchcam(name, n_samples):
     """In the limit of no noise, where both definitions meet: torchcam 0.5.0 takes the first derivative and
@@ -108,37 +127,39 @@ def test_smooth_gradcam_plus_plus_averages_over_the_noise():
     assert_maps_close(ours, expected)
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "keras_cnn"])
+@pytest.mark.parametrize("name", zoo(SMALL_MODELS, slow=SCORE_SLOW))
 def test_ss_cam_matches_torchcam_on_the_same_noise(name):
     model = build(name)
-    x = inputs_for(name)
-    target = torch.tensor([4, 1])
+    batch = 1 if name in SCORE_SLOW else 2
+    layer = SCORE_LAYERS.get(name, model.cam_layer)
+    x = inputs_for(name, batch)
+    target = torch.tensor([4, 1])[:batch]
     n_samples, std = 2, 2.0
     with torch.no_grad():
         from xailab.explain.cam import capture_activation
 
-        with capture_activation(model, model.cam_layer) as captured:
+        with capture_activation(model, layer) as captured:
             model(x)
         channels = captured.activation.shape[1]
     # torchcam draws one [B, K, H, W] sample per round from the global generator, in order
     torch.manual_seed(11)
     normal = torch.distributions.normal.Normal(0, std)
-    noise = torch.stack([normal.sample((2, channels, *x.shape[-2:])) for _ in range(n_samples)])
-    ours = explain(model, x, "ss_cam", target, noise=noise)
+    noise = torch.stack([normal.sample((batch, channels, *x.shape[-2:])) for _ in range(n_samples)])
+    ours = explain(model, x, "ss_cam", target, layer=layer, noise=noise)
     torch.manual_seed(11)
-    theirs = torchcam_map(
-        torchcam_methods.SSCAM, model, x, target, model.cam_layer, num_samples=n_samples, std=std
-    )
+    theirs = torchcam_map(torchcam_methods.SSCAM, model, x, target, layer, num_samples=n_samples, std=std)
     assert_maps_close(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "keras_cnn"])
+@pytest.mark.parametrize("name", zoo(SMALL_MODELS, slow=SCORE_SLOW))
 def test_is_cam_matches_torchcam(name):
     model = build(name)
-    x = inputs_for(name)
-    target = torch.tensor([2, 3])
-    ours = explain(model, x, "is_cam", target, n_samples=3, internal_batch_size=50)
-    theirs = torchcam_map(torchcam_methods.ISCAM, model, x, target, model.cam_layer, num_samples=3)
+    batch = 1 if name in SCORE_SLOW else 2
+    layer = SCORE_LAYERS.get(name, model.cam_layer)
+    x = inputs_for(name, batch)
+    target = torch.tensor([2, 3])[:batch]
+    ours = explain(model, x, "is_cam", target, layer=layer, n_samples=3, internal_batch_size=50)
+    theirs = torchcam_map(torchcam_methods.ISCAM, model, x, target, layer, num_samples=3)
     assert_maps_close(ours, theirs)
 
 

@@ -151,6 +151,45 @@ def test_lrp_0_with_biases_absorbs_exactly_the_biases_share():
     torch.testing.assert_close(relevance, expected.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", conv_models())
+def test_lrp_0_with_biases_absorbs_exactly_the_biases_share_on_every_zoo_model(name):
+    """The documented absorption on the zoo models as they are (biases, batch norms merged into them or kept
+    as diagonal layers, residual additions, concatenations, ReLU6): every layer with LRP-0 keeps
+    ``sum_j b_j c_j`` of the relevance reaching it, nothing else does, so the input relevance is the target
+    logit minus those shares, read from the rule-carrying copy's gradients at every layer output."""
+    from xailab.explain.lrp import RuleLayer, RuleParams, lrp_model
+    from xailab.explain.lrp.rules import AFFINE_TYPES, affine_params
+
+    model = build(name)
+    x = images()
+    target = torch.tensor([0, 3])
+    relevance = explain(model, x, "lrp", target, reduce=None, composite="zero").sum(dim=(1, 2, 3))
+    twin, _ = lrp_model(model, x, "zero", RuleParams())
+    outputs: list[tuple[nn.Module, torch.Tensor]] = []
+    layers = [m for m in twin.modules() if isinstance(m, RuleLayer) and isinstance(m.module, AFFINE_TYPES)]
+    assert layers
+    handles = [m.register_forward_hook(lambda m, i, o: outputs.append((m.module, o))) for m in layers]
+    try:
+        xg = x.clone().requires_grad_(True)
+        logits = twin(xg)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logit = logits.gather(1, target[:, None]).squeeze(1)
+    grads = torch.autograd.grad(logit.sum(), [xg, *(o for _, o in outputs)], allow_unused=True)
+    absorbed = torch.zeros(2, dtype=torch.float64)
+    for (layer, _), grad in zip(outputs, grads[1:], strict=True):
+        bias = affine_params(layer)[1]
+        if grad is None or bias is None:
+            continue
+        absorbed += (grad * bias.view(1, -1, *([1] * (grad.ndim - 2)))).flatten(1).sum(1).double()
+    scale = 1 + logit.abs().max().item()
+    assert absorbed.abs().max() > 1e-3 * scale  # the biases do hold a share: the check below can fail
+    expected = logit.detach().double() - absorbed
+    torch.testing.assert_close(relevance.double(), expected, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close((xg * grads[0]).sum(dim=(1, 2, 3)), relevance, rtol=1e-5, atol=1e-6 * scale)
+
+
 # ---- a hand-computed two-layer example per rule ----------------------------------------------------------
 
 W1 = np.array([[1.0, -2.0, 0.5, 1.5], [-1.0, 0.5, 2.0, -0.5], [0.5, 1.0, -1.0, 1.0]])
@@ -261,7 +300,8 @@ def captum_twin(model: nn.Module) -> nn.Module:
     return model
 
 
-PARITY = {  # rule on convolutions -> (ours, Captum's)
+PARITY = {  # rule on convolutions -> (ours, Captum's); Captum's LRP-0 is its epsilon rule at (almost) 0
+    "zero": (lambda: Zero(), "EpsilonRule"),
     "epsilon": (lambda: Epsilon(1e-9), "EpsilonRule"),
     "gamma": (lambda: Gamma(gamma=0.25, stabilizer=1e-9, zero_bias=True), "GammaRule"),
     "alpha1_beta0": (
@@ -273,20 +313,25 @@ PARITY = {  # rule on convolutions -> (ours, Captum's)
 
 @pytest.mark.parametrize(
     ("name", "rule"),
-    [("mnist_cnn", r) for r in PARITY] + [("simple_cnn", r) for r in PARITY] + [("keras_cnn", "epsilon")],
+    [(name, rule) for name in ("mnist_cnn", "simple_cnn", "keras_cnn") for rule in PARITY],
 )
 def test_parity_with_captum_lrp(name, rule):
     """Epsilon on the first layer, dense layers and batch norms, ``rule`` on the other convolutions.
 
     Captum applies gamma and alpha1-beta0 to inputs of either sign as if they were positive; ours follow the
     papers (and Zennit) there, so those two are compared where every convolution above the first sees
-    non-negative inputs: the canonised VGG-style CNNs (conv -> ReLU -> pool). keras_cnn's second conv reads
-    a batch norm's output of either sign, so only epsilon is compared on it.
+    non-negative inputs: the canonised VGG-style CNNs (conv -> ReLU -> pool), and keras_cnn with its first
+    batch norm (ReLU -> BN -> pool -> conv) given a non-negative shift, so that it maps the ReLU's output to
+    non-negative values too.
     """
     from captum.attr import LRP
     from captum.attr._utils import lrp_rules
 
     model = build(name)
+    if name == "keras_cnn":
+        with torch.no_grad():  # a x + s with a > 0 and s >= 0: block2's conv reads non-negative inputs
+            model.block1.bn.running_mean.zero_()
+            model.block1.bn.bias.abs_()
     channels = 3
     x = images(2)
     target = torch.tensor([1, 4])
@@ -357,7 +402,12 @@ def test_unsupported_layers_are_named():
         size = model_input_size(name)
         with pytest.raises(ConfigError, match="needs a model with conv"):
             explain(vit, torch.randn(1, 3, *size), "lrp")
-        with pytest.raises(ConfigError, match="of type"):  # called directly: the first layer without a rule
+        # called directly: the first layer without a rule, by path and type, and the keys that would give one
+        with pytest.raises(
+            ConfigError,
+            match=r"no rule for layer 'tokens' of type TokenEmbedding; add a rule for 'TokenEmbedding' or "
+            r"'tokens' to the composite",
+        ):
             lrp(vit, torch.randn(1, 3, *size), torch.tensor([0]))
 
 
@@ -390,6 +440,40 @@ def test_bf16_fast_mode_agrees_with_fp32():
     assert bf16.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(fp32.flatten(1), bf16.flatten(1))
     assert (cosine > 0.9).all(), cosine
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "resnet18"])
+def test_bf16_fast_mode_conserves_the_target_logit_within_bf16_rounding(name):
+    """Conservation holds in the fast mode too (bias-free LRP-0): the relevance, accumulated in float32, sums
+    to the target logit up to bfloat16's rounding (8 bits of mantissa: within 2 per cent here)."""
+    model = strip_biases(build(name))
+    x = images()
+    target = torch.tensor([1, 2])
+    relevance = explain(model, x, "lrp", target, reduce=None, composite="zero", precision="bf16")
+    with torch.no_grad():
+        logits = model(x).gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(
+        relevance.sum(dim=(1, 2, 3)), logits, rtol=2e-2, atol=2e-2 * logits.abs().max().item()
+    )
+
+
+def test_precision_auto_is_the_fast_mode_where_the_device_has_it(monkeypatch):
+    """``precision="auto"`` (autotuning off, as in every test) is bf16 exactly where the device has native bf16
+    and fp32 elsewhere: the maps equal those of the explicit precision, bit for bit."""
+    import xailab.autotune
+
+    model = build("mnist_cnn")
+    x = images()
+    target = torch.tensor([0, 4])
+    maps = {
+        p: explain(model, x, "lrp", target, composite="epsilon_gamma_box", precision=p)
+        for p in ("fp32", "bf16")
+    }
+    assert not torch.equal(maps["fp32"], maps["bf16"])  # the two modes differ, so "auto" shows which ran
+    for fast in (False, True):
+        monkeypatch.setattr(xailab.autotune, "bf16_is_fast", lambda device, fast=fast: fast)
+        auto = explain(model, x, "lrp", target, composite="epsilon_gamma_box", precision="auto")
+        assert torch.equal(auto, maps["bf16" if fast else "fp32"])
 
 
 def test_probe_finds_every_input_layer_and_the_norms_it_can_merge():

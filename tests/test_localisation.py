@@ -225,8 +225,70 @@ def test_mosaics_hold_two_target_tiles_and_focus_reads_their_share():
     assert torch.equal(again.index, mos.index)
     perfect = focus(None, mos.inputs, mos.targets, mos.mask.float(), mask=mos.mask)
     uniform = focus(None, mos.inputs, mos.targets, torch.ones(8, 1, 8, 8), mask=mos.mask)
+    complement = focus(None, mos.inputs, mos.targets, (~mos.mask).float(), mask=mos.mask)
     torch.testing.assert_close(perfect, torch.ones(8))
+    torch.testing.assert_close(complement, torch.zeros(8))
     torch.testing.assert_close(uniform, torch.full((8,), 0.5))
+
+
+def quadrant_flags(mos) -> list[tuple[int, int, int, int]]:
+    """Quantus's ``custom_batch`` for Focus: per mosaic, whether each tile (top left, top right, bottom left,
+    bottom right) shows the target class, read from the mosaic's mask."""
+    h, w = mos.mask.shape[-2] // 2, mos.mask.shape[-1] // 2
+    corners = mos.mask[:, 0, ::h, ::w].flatten(1)  # [M, 4]: the tiles' top-left pixels, in reading order
+    return [tuple(int(v) for v in row) for row in corners]
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_focus_matches_quantus_focus_on_the_same_mosaics(normalise):
+    """Quantus 0.6's ``Focus`` (positive relevance on the target tiles over all positive relevance) on the
+    same mosaics and maps: equal, for non-negative and signed maps, with and without its default max
+    normalisation (a positive rescaling, which the ratio ignores)."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(16, 1, 5, 5, generator=g)
+    labels = torch.arange(16) % 4
+    mos = mosaics(images, labels, n=7, seed=3)
+    flags = quadrant_flags(mos)
+    assert all(sum(f) == 2 for f in flags)
+    model = tiny_model(classes=4)
+    for signed in (False, True):
+        a = torch.rand(7, 1, 10, 10, generator=g) + 0.3 * mos.mask  # continuous, leaning to the target tiles
+        if signed:
+            a = a - 0.5
+        ours = focus(model, mos.inputs, mos.targets, a, mask=mos.mask)
+        metric = quantus.Focus(normalise=normalise, abs=False, disable_warnings=True)
+        theirs = metric(
+            model=model,
+            x_batch=mos.inputs.numpy(),
+            y_batch=mos.targets.numpy(),
+            a_batch=a.numpy().astype(np.float32),
+            custom_batch=flags,
+            device="cpu",
+        )
+        np.testing.assert_allclose(ours.numpy(), np.asarray(theirs, dtype=np.float64), rtol=1e-5)
+        assert float(ours.mean()) > 0.55  # the lean towards the target tiles shows
+
+
+def test_focus_departs_from_quantus_only_on_a_map_without_positive_relevance():
+    """The documented difference: a map with no positive relevance localises nothing. xailab says NaN (as
+    attribution localisation does), Quantus 0 (its ``+ 1e-9`` in the denominator); other maps agree."""
+    images = torch.rand(8, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    mos = mosaics(images, torch.arange(8) % 2, n=2, seed=0)
+    a = -torch.rand(2, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    a[1, 0, 0, 0] = 1.0  # one positive pixel: its tile decides the score
+    ours = focus(None, mos.inputs, mos.targets, a, mask=mos.mask)
+    theirs = quantus.Focus(normalise=False, abs=False, disable_warnings=True)(
+        model=tiny_model(classes=2),
+        x_batch=mos.inputs.numpy(),
+        y_batch=mos.targets.numpy(),
+        a_batch=a.numpy(),
+        custom_batch=quadrant_flags(mos),
+        device="cpu",
+    )
+    assert torch.isnan(ours[0]) and theirs[0] == 0.0
+    expected = float(mos.mask[1, 0, 0, 0])  # 1 when the top-left tile is a target tile, else 0
+    assert float(ours[1]) == expected
+    np.testing.assert_allclose(theirs[1], expected, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------------------

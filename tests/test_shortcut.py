@@ -115,6 +115,67 @@ def test_bad_options_raise_clear_errors():
         load_dataset("shortcut", classes=["1"])
 
 
+@pytest.mark.parametrize(
+    ("colour", "channels", "expected"),
+    [([255, 0, 0], 3, [255, 0, 0]), ([0, 255, 128], 3, [0, 255, 128]), ([255, 0, 0], 1, [76])],
+)
+def test_a_coloured_square_writes_its_colour_and_its_mask_is_the_changed_pixels(colour, channels, expected):
+    """Per-channel colours on RGB images, and an RGB colour on a grey image as its BT.601 luma
+    (0.299 * 255 = 76.2): the mask is exactly the pixels whose bytes changed, every one holding the colour."""
+    g = torch.Generator().manual_seed(7)
+    # noise in 1..254, never the colour's first value (0 or 255) nor the luma: every written pixel changes
+    images = torch.randint(1, 255, (30, 12, 12, channels), generator=g, dtype=torch.uint8)
+    images[images == 76] = 77
+    ds = Dataset(
+        "noise",
+        {"train": ImageSet(images, torch.arange(30) % 2)},
+        ("0", "1"),
+        (0.5,) * channels,
+        (0.29,) * channels,
+    )
+    config = ShortcutConfig(classes=[1], marker="square", size=4, colour=colour, position="random", seed=2)
+    train = plant_shortcut(ds, config)["train"]
+    changed = (train.images != images).any(-1)
+    assert torch.equal(changed, train.masks[:, 0]) and int(train.masks.sum()) == 15 * 16
+    written = train.images[train.masks[:, 0]]  # [pixels, C]
+    assert (written == torch.tensor(expected, dtype=torch.uint8)).all()
+    outside = ~train.masks[:, 0]
+    assert torch.equal(train.images[outside], images[outside])  # nothing else moved
+
+
+@pytest.mark.parametrize(
+    ("options", "fits"),
+    [
+        ({"marker": "square", "size": 13, "margin": 0}, False),  # larger than the 12x12 image
+        ({"marker": "tag", "size": 13, "margin": 0}, False),  # a 13x9 tag: too tall
+        ({"marker": "patch", "size": 11, "margin": 1}, False),  # fits only without its margin
+        ({"marker": "square", "size": 11, "margin": 1, "position": "random"}, False),
+        ({"marker": "square", "size": 12, "margin": 0}, True),  # exactly the image
+        ({"marker": "square", "size": 10, "margin": 1, "position": "random"}, True),  # exactly with margin
+    ],
+)
+def test_a_marker_larger_than_the_image_is_a_clear_error_and_one_that_fits_is_not(options, fits):
+    ds = noise_dataset(n=8)
+    config = ShortcutConfig(classes=["1"], **options)
+    if fits:
+        train = plant_shortcut(ds, config)["train"]
+        assert torch.equal(train.masks.flatten(1).sum(1), train.marked.long() * options["size"] ** 2)
+        return
+    with pytest.raises(
+        ConfigError,
+        match=rf"the {options['marker']} marker \(\d+x\d+ pixels, margin "
+        rf"{options['margin']}\) is larger than the 12x12 images; choose a smaller",
+    ):
+        plant_shortcut(ds, config)
+
+
+def test_a_colour_with_the_wrong_number_of_channels_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"colour=\[1, 2\] has 2 values for 3-channel images"):
+        plant_shortcut(noise_dataset(channels=3), ShortcutConfig(classes=["1"], colour=[1, 2]))
+    with pytest.raises(ConfigError, match=r"colour=\[300\] must be 0..255"):
+        ShortcutConfig(classes=["1"], colour=[300])
+
+
 def test_the_registered_dataset_plants_into_a_real_loader():
     ds = load_dataset("shortcut", base="digits", classes=["3"], size=5, image_size=16)
     base = load_dataset("digits", image_size=16)

@@ -294,6 +294,11 @@ def focus(
     that falls on the quadrants holding the target class. ``[B]``; ``mask``: those quadrants.
 
     A map that ignores the image scores the target quadrants' share (0.5 with two of four).
+
+    Quantus 0.6's ``Focus`` computes the same ratio from the four quadrant flags (``custom_batch``) but
+    divides by the positive total plus 1e-9: on a map without positive relevance it scores 0 (a map that
+    points nowhere would count as pointing away from the target), where xailab gives NaN, as
+    ``attribution_localisation`` does; on every other map the two agree (the tests check both).
     """
     a, m = _flat(attributions, mask)
     pos = a.clamp_min(0)

@@ -135,8 +135,9 @@ def rule_for(
             return build_rule(mapping[key], params)
     if isinstance(module, nn.ReLU):
         return None  # the plain gradient of a ReLU is the pass rule
-    category = next((c for c, types in CATEGORIES.items() if isinstance(module, types)), kind.__name__)
+    category = next((c for c, types in CATEGORIES.items() if isinstance(module, types)), None)
+    keys = ", ".join(repr(k) for k in (category, kind.__name__) if k is not None)
     raise ConfigError(
         f"the LRP composite has no rule for layer {path!r} of type {kind.__name__}; add a rule for "
-        f"{category!r}, {kind.__name__!r} or {path!r} to the composite"
+        f"{keys} or {path!r} to the composite"
     )
