@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from xailab.config import bounded, from_dict
 from xailab.data import DATASETS, Dataset, dataset_status, list_datasets, load_dataset
 from xailab.data.transforms import resize_uint8, to_channels, to_model_input
 from xailab.device import resolve_device as _resolve_device
-from xailab.errors import ConfigError, DatasetError
+from xailab.errors import ConfigError, DatasetError, did_you_mean
 from xailab.explain import applicable_methods, explain, list_methods
 from xailab.explain.base import check_applicable, resolve_method, validate_method_params
 from xailab.explain.export import explain_to_disk
@@ -29,6 +28,7 @@ from xailab.report.assessment import write_assessment
 from xailab.study import EXECUTORS, TRACKERS, list_studies, run_study
 from xailab.train import Run, TrainConfig, classification_metrics, list_runs, load_run, predict_logits, train
 from xailab.train import distributed as _distributed
+from xailab.train.distributed import is_main_process, launched_by_torchrun
 from xailab.train.runs import read_run_config
 
 Precision = Literal["fp32", "bf16", "auto"]  # auto: bf16 where measured faster and accurate
@@ -412,12 +412,6 @@ def options(cls: type[OptionsT], where: str, **values: Any) -> OptionsT:
     return from_dict(cls, {k: v for k, v in values.items() if v is not None}, where=where)
 
 
-def did_you_mean(name: str, names: Sequence[str]) -> str:
-    """`` Did you mean 'x', 'y'?`` for the names closest to ``name`` (empty when none is close)."""
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
-    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """The device ``name`` names (``auto``: CUDA where present, else the CPU), checked to exist on this
     machine: ``banana``, or ``cuda`` on a build without CUDA, raise ``ConfigError`` saying what is available."""
@@ -494,16 +488,6 @@ def list_executors() -> list[str]:
 def list_trackers() -> list[str]:
     """Experiment trackers a study can log to (``xailab run --tracking``)."""
     return TRACKERS.names()
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is a rank started by torchrun (it must not launch again)."""
-    return _distributed.launched_by_torchrun()
-
-
-def is_main_process() -> bool:
-    """Whether this process reports (rank 0, or the only process)."""
-    return _distributed.is_main_process()
 
 
 def launch_distributed(argv: Sequence[str], processes: int) -> int:

@@ -11,7 +11,6 @@ disk) goes through ``from_dict``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import tomllib
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from xailab.errors import ConfigError
+from xailab.errors import ConfigError, did_you_mean
 
 C = TypeVar("C")
 # Image sizes anywhere (configs, run records): every model needs a few pixels after its poolings, and the
@@ -218,8 +217,7 @@ def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = str(unknown[0])
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(key, fields, n=1, cutoff=0.6)  # config keys: difflib's stricter default
         raise ConfigError(f"{name}: unknown key {key!r}.{hint} Valid keys: {', '.join(fields)}.")
     missing = [
         n

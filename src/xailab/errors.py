@@ -1,5 +1,10 @@
 """Typed errors. Each names the bad value and says what to do, so the CLI can print it without a traceback."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class XailabError(Exception):
     """Base class of every error xailab raises on purpose (bad input, missing files, bad config)."""
@@ -30,3 +35,10 @@ class TrainingDiverged(XailabError):
 
 class LockedError(XailabError):
     """A run or study folder is in use by another process; the message names the folder and its pid."""
+
+
+def did_you_mean(name: str, names: Iterable[str], n: int = 3, cutoff: float = 0.5) -> str:
+    """`` Did you mean 'x', 'y'?`` for the (at most ``n``) names closest to ``name``; empty when none is close.
+    Every "unknown name" message appends it, so they all suggest alike."""
+    close = difflib.get_close_matches(name, list(names), n=n, cutoff=cutoff)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -6,11 +6,10 @@ decorated function and nothing else to keep in sync.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from xailab.errors import UnknownNameError
+from xailab.errors import UnknownNameError, did_you_mean
 
 T = TypeVar("T")
 
@@ -43,12 +42,10 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownNameError(self._unknown_message(name)) from None
-
-    def _unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {', '.join(self.names())}."
+            hint = did_you_mean(name, self._entries)
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {', '.join(self.names())}."
+            ) from None
 
     def names(self) -> list[str]:
         """All registered names, sorted."""

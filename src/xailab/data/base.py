@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xailab.errors import ConfigError, DatasetError
+from xailab.errors import ConfigError, DatasetError, did_you_mean
 from xailab.registry import Registry
 
 
@@ -139,8 +138,7 @@ class DatasetSpec:
         valid = sorted(self.options | COMMON_OPTIONS)
         for key in options:
             if key not in valid:
-                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(str(key), valid, n=1)
                 raise ConfigError(
                     f"{where}: dataset {self.name!r} has no option {key!r}.{hint} Valid: {', '.join(valid)}."
                 )

@@ -12,7 +12,6 @@ channels the way the method's paper does.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from xailab.autotune import explain_precision
-from xailab.errors import ConfigError
+from xailab.errors import ConfigError, did_you_mean
 from xailab.registry import Registry
 
 Reduction = Literal["sum", "max_abs", "mean", "none"]
@@ -211,8 +210,7 @@ def validate_method_params(method: str, params: Mapping[str, object]) -> dict[st
     out: dict[str, Any] = {}
     for key, value in params.items():
         if key not in declared:
-            close = difflib.get_close_matches(str(key), declared, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(str(key), declared, n=1)
             valid = ", ".join(declared) or "none"
             raise ConfigError(f"method {method!r} has no parameter {key!r}.{hint} Valid: {valid}.")
         out[key] = declared[key].coerce(value, method)

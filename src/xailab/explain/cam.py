@@ -11,14 +11,13 @@ backward hook is needed and none can be left behind.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xailab.errors import ConfigError
+from xailab.errors import ConfigError, did_you_mean
 from xailab.explain.base import register_method
 from xailab.explain.batching import chunk_size, chunks
 from xailab.explain.tokens import TokenGrid, token_grid
@@ -50,8 +49,7 @@ def get_layer(model: nn.Module, layer_path: str) -> nn.Module:
         return model.get_submodule(layer_path)
     except AttributeError:
         names = [name for name, _ in model.named_modules() if name]
-        close = difflib.get_close_matches(layer_path, names, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(layer_path, names)
         raise ConfigError(f"the model has no layer {layer_path!r}.{hint}") from None
 
 

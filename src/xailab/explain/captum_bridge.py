@@ -8,7 +8,6 @@ The class is constructed with the model, plus the model's Grad-CAM layer (``cam_
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from types import MappingProxyType, ModuleType
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xailab.errors import ConfigError, UnknownNameError
+from xailab.errors import ConfigError, UnknownNameError, did_you_mean
 from xailab.explain.base import CONTRACT_ARGS, MethodSpec, ParamSpec, declared_params
 
 # Abstract bases in captum.attr.__all__: constructible, but their attribute() is not implemented
@@ -67,8 +66,7 @@ def _unknown(name: str, valid: list[str], all_names: list[str]) -> Exception:
             f"captum.attr.{name} cannot be built from a model alone, so it is not available as 'captum:{name}'. "
             f"Available: {', '.join(valid)}."
         )
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, valid)
     return UnknownNameError(f"unknown Captum attribution {name!r}.{hint} Available: {', '.join(valid)}.")
 
 
