@@ -24,8 +24,9 @@ from web_helpers import RUN, digit_png, png_bytes, train_tiny_run
 from xailab import api
 from xailab.cli import main
 from xailab.explain import applicable_methods
-from xailab.web import app as web_app
 from xailab.web import create_app
+from xailab.web.limits import FORM_OVERHEAD_BYTES
+from xailab.web.serving import SAMPLES_PER_RUN, PredictBatcher
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # what create_app(device="auto") picks
 
@@ -120,7 +121,7 @@ def test_decode_image_equals_reading_the_file(tmp_path, shape, channels):
 def test_each_run_is_loaded_once(runs_dir, monkeypatch):
     calls = []
     load = api.load_run
-    monkeypatch.setattr(web_app.api, "load_run", lambda *a, **k: calls.append(a) or load(*a, **k))
+    monkeypatch.setattr(api, "load_run", lambda *a, **k: calls.append(a) or load(*a, **k))
     fresh = TestClient(create_app(runs_dir))
     data, _ = digit_png(0)
     for _ in range(3):
@@ -134,9 +135,9 @@ def test_concurrent_predictions_share_forward_passes(run, monkeypatch, max_batch
     calls = []
     probabilities = api.class_probabilities
     monkeypatch.setattr(
-        web_app.api, "class_probabilities", lambda r, x: calls.append(x.shape[0]) or probabilities(r, x)
+        api, "class_probabilities", lambda r, x: calls.append(x.shape[0]) or probabilities(r, x)
     )
-    batcher = web_app.PredictBatcher(run, max_batch)
+    batcher = PredictBatcher(run, max_batch)
     images = api.decode_image(digit_png(0)[0], run.image_size, run.channels).repeat(8, 1, 1, 1)
     images[:, :4] = torch.arange(8, dtype=torch.uint8)[:, None, None, None] * 30  # 8 different images
     results: dict[int, torch.Tensor] = {}
@@ -208,7 +209,7 @@ def test_explain_target_by_name_alpha_zero_and_no_raw_by_default(client, run):
 def test_samples_of_the_runs_dataset(client, run):
     samples = client.get(f"/api/runs/{RUN}/samples").json()
     test = xailab.load_dataset("digits", image_size=run.image_size)["test"]
-    assert len(samples) == web_app.SAMPLES_PER_RUN
+    assert len(samples) == SAMPLES_PER_RUN
     assert [s["label"] for s in samples] == [str(int(y)) for y in test.labels[: len(samples)]]
     response = client.get(samples[2]["url"])
     assert response.headers["content-type"] == "image/png"
@@ -311,7 +312,7 @@ def test_oversized_uploads_are_413(runs_dir):
     client = TestClient(create_app(runs_dir, max_upload_bytes=20_000))
     noise = np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
     data = png_bytes(noise)  # ~120 kB: incompressible
-    assert len(data) > 20_000 + web_app.FORM_OVERHEAD_BYTES
+    assert len(data) > 20_000 + FORM_OVERHEAD_BYTES
     assert_error(post_image(client, f"/api/runs/{RUN}/predict", data), 413, "over the limit of")
     # just over the file limit but under the whole-body limit: refused by the file check
     assert_error(post_image(client, f"/api/runs/{RUN}/predict", data[:20_001]), 413, "20,000 bytes")
@@ -325,7 +326,7 @@ def test_streamed_body_without_length_is_cut_at_the_limit(runs_dir):
         content=chunks,
         headers={"content-type": "multipart/form-data; boundary=b"},
     )
-    limit = 1_000 + web_app.FORM_OVERHEAD_BYTES  # the file limit plus room for the form around it
+    limit = 1_000 + FORM_OVERHEAD_BYTES  # the file limit plus room for the form around it
     assert_error(response, 413, "request body is over ", f"over the limit of {limit:,}")
 
 
@@ -340,7 +341,7 @@ def test_streamed_body_without_length_is_cut_at_the_limit(runs_dir):
     ],
 )
 def test_path_traversal_run_names_are_unknown_runs(client, path, monkeypatch):
-    monkeypatch.setattr(web_app.api, "load_run", lambda *a, **k: pytest.fail(f"load_run called with {a}"))
+    monkeypatch.setattr(api, "load_run", lambda *a, **k: pytest.fail(f"load_run called with {a}"))
     assert_error(post_image(client, path, digit_png(0)[0]), 404, "unknown run", f"Runs: {RUN}")
 
 

@@ -9,17 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn import metrics as sk
 from torch import Tensor
 
 from xailab.io import write_text
-
-
-def confusion_matrix(pred: Tensor, true: Tensor, num_classes: int) -> Tensor:
-    """``[K, K]`` counts; row = true class, column = predicted class. ``pred``/``true``: ``[N]`` int."""
-    counts = sk.confusion_matrix(true.cpu().numpy(), pred.cpu().numpy(), labels=np.arange(num_classes))
-    return torch.from_numpy(counts)
 
 
 def roc_auc(scores: Tensor, positive: Tensor) -> float:

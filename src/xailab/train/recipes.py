@@ -179,17 +179,3 @@ def apply_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
     if "lr" not in out and valid and valid_batch:
         out["lr"] = scaled_lr(recipe.lr_by_optimizer[optimizer], recipe.batch_size, batch, optimizer)
     return out
-
-
-def describe_recipes() -> list[dict[str, Any]]:
-    """Each recipe as a row (name, description, reference batch and rate, values) for docs and ``--help``."""
-    return [
-        {
-            "name": n,
-            "description": RECIPES.get(n).description,
-            "batch_size": RECIPES.get(n).batch_size,
-            "lr": RECIPES.get(n).lr_by_optimizer,
-            **RECIPES.get(n).values,
-        }
-        for n in RECIPES.names()
-    ]

@@ -26,18 +26,7 @@ from xailab import api
 from xailab.errors import XailabError
 from xailab.web.limits import FORM_OVERHEAD_BYTES, MAX_UPLOAD_BYTES, BodySizeLimit
 from xailab.web.routes import WebState, router
-from xailab.web.serving import SAMPLES_PER_RUN, LoadedRun, PredictBatcher, RunCache
-
-__all__ = [
-    "FORM_OVERHEAD_BYTES",
-    "MAX_UPLOAD_BYTES",
-    "SAMPLES_PER_RUN",
-    "LoadedRun",
-    "PredictBatcher",
-    "RunCache",
-    "api",
-    "create_app",
-]
+from xailab.web.serving import RunCache
 
 STATIC_DIR = Path(__file__).parent / "static"
 
