@@ -199,6 +199,31 @@ def test_parity_with_quantus(signed):
     np.testing.assert_allclose(ci.numpy(), theirs, rtol=1e-6)
 
 
+def test_where_quantus_departs_from_the_papers_xailab_follows_the_papers():
+    """The documented departures, each shown on the same inputs: (1) tied maxima — Quantus's pointing game
+    counts a hit if any tied pixel hits, xailab the share that hit (the chance that one picked at random
+    does); (2) Kohlbrenner's size weighting ``mu * S_tot / S_in`` — Quantus multiplies by ``S_in`` over the
+    size of ``x_batch[2:]`` (the batch array without its first two images) instead."""
+    m = masks(6, seed=3)
+    tied = 0.5 * torch.rand(6, 1, H, W, generator=torch.Generator().manual_seed(5))
+    flat, inside = tied.view(6, -1), m.view(6, -1)
+    for i in range(6):  # four tied maxima: one mask pixel and three outside it
+        flat[i, inside[i].nonzero()[0]] = 1.0
+        flat[i, (~inside[i]).nonzero()[:3].flatten()] = 1.0
+    np.testing.assert_array_equal(quantus_scores(q(quantus.PointingGame), tied, m), np.ones(6))
+    torch.testing.assert_close(scores(tied, m)["pointing_game"], torch.full((6,), 0.25))
+
+    a = torch.rand(6, 1, H, W, generator=torch.Generator().manual_seed(4)) + 0.5 * m
+    plain = quantus_scores(q(quantus.AttributionLocalisation, positive_attributions=True), a, m)
+    weighted = quantus_scores(
+        q(quantus.AttributionLocalisation, positive_attributions=True, weighted=True), a, m
+    )
+    area = m.flatten(1).sum(1).double().numpy()
+    np.testing.assert_allclose(weighted, plain * area / ((6 - 2) * H * W), rtol=1e-6)  # Quantus's weighting
+    ours = scores(a, m, weighted=True)["attribution_localisation"]
+    np.testing.assert_allclose(ours.numpy(), plain * (H * W) / area, rtol=1e-5)  # the paper's
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Focus on mosaics
 # ---------------------------------------------------------------------------------------------------------
