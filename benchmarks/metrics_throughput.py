@@ -2,11 +2,21 @@
 ``sensitivity_max``) on the same model, inputs, attributions and settings, in one run.
 
 For each metric: seconds per explained image of ``xailab.evaluate_explanations`` and of each peer, the
-speed-up, the max |difference| of the per-image values, and xailab's time divided by the time of the bare
-passes the metric cannot avoid, in two modes: exact (``XAILAB_AUTOTUNE=0``, the fixed chunk rule) and
-autotuned (chunk sizes measured fastest for the model by ``xailab.autotune``, cached). The limit: the
-perturbed copies' ``no_grad`` forward passes, or the forward+backward passes of re-explaining with saliency, each at the fastest of a few batch sizes, measured on
-the same model in the same run. Peers run fp32 NCHW, as they do by default; xailab runs fp32 too.
+speed-up (peer time / xailab time), the max |difference| of the per-image values from the peer's, and
+xailab's time divided by the time of the bare passes the metric cannot avoid, in three modes:
+
+- ``fixed``: exact fp32 with the fixed chunk rule (``XAILAB_AUTOTUNE=0``);
+- ``exact``: exact fp32 (the default) with the chunk measured fastest for the model in fp32 by
+  ``xailab.autotune`` (cached);
+- ``fast``: ``precision="auto"``, bf16 autocast of the metric's forward passes only where the autotuner
+  measured it faster for this model and shape (and its accuracy guard held), in the chunk measured fastest
+  at that precision; metrics that re-explain run saliency at ``explain_precision("auto")``. The precision
+  it took is printed, and the max |fast - exact| of xailab's own values.
+
+The limit: the perturbed copies' ``no_grad`` forward passes, or the forward+backward passes of re-explaining
+with saliency, at the fastest of a few batch sizes, measured on the same model in the same run: in fp32 for
+the fixed and exact modes, at the fastest precision (fp32 or bf16 autocast) for the fast mode. Peers run fp32
+NCHW, as they do by default.
 
 Settings (identical for both; where a peer draws random numbers, its draw is replayed and handed to
 xailab, as in ``tests/test_quality_parity_quantus.py``):
@@ -44,6 +54,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -52,10 +63,11 @@ import torch
 from torch import Tensor, nn
 
 import xailab
-from xailab import create_model, evaluate_explanations, explain, load_dataset
+from xailab import autotune, create_model, evaluate_explanations, explain, load_dataset
 from xailab.data.transforms import to_model_input
+from xailab.device import autocast
 from xailab.metrics import METRICS
-from xailab.metrics.base import method_explainer
+from xailab.metrics.base import forward_mode, method_explainer
 from xailab.metrics.randomisation import max_normalised, randomisable_layers
 
 N_RUNS, SUBSET = 100, 224
@@ -85,10 +97,13 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> tuple[float, float]:
+def bare_rates(
+    model: nn.Module, x: Tensor, target: Tensor, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
     """Images/s of bare ``no_grad`` forward passes and of forward+backward of the target logits on copies of
-    ``x``: the fastest of batches 16 to 512 (a CPU is not always fastest at the largest), the best of 3
-    rounds after a warm-up each."""
+    ``x``, under ``dtype`` autocast (None: fp32): the fastest of batches 16 to 512 (a CPU is not always
+    fastest at the largest), the best of 3 rounds after a warm-up each. bf16 tries fewer batches: emulated
+    on CPUs without native bf16, it is several times slower and only shows that fp32 is the limit."""
 
     def rate(batch: int, grad: bool) -> float:
         reps = -(-batch // len(x))
@@ -97,16 +112,21 @@ def bare_rates(model: nn.Module, x: Tensor, target: Tensor) -> tuple[float, floa
 
         def once():
             if grad:
-                model(xs).gather(1, ts[:, None]).sum().backward()
+                with autocast(x.device, dtype):
+                    score = model(xs).float().gather(1, ts[:, None]).sum()
+                score.backward()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(x.device, dtype):
                     model(xs)
 
         once()
         return batch / min(timed(once)[0] for _ in range(3))
 
-    forward = max(rate(batch, False) for batch in (16, 32, 64, 256, 512))
-    backward = max(rate(batch, True) for batch in (16, 64, 256))
+    fwd_batches, fb_batches = (
+        ((16, 32, 64, 256, 512), (16, 64, 256)) if dtype is None else ((16, 64), (16, 64))
+    )
+    forward = max(rate(batch, False) for batch in fwd_batches)
+    backward = max(rate(batch, True) for batch in fb_batches)
     model.zero_grad(set_to_none=True)
     return forward, backward
 
@@ -174,21 +194,54 @@ def bench_model(model_name: str, args) -> None:
     xn, yn, an = x.numpy(), y.numpy(), a.numpy()
     n_layers = len(randomisable_layers(model))
     print(f"\n### {model_name} ({how}), {b} test images {c}x{h}x{w}, saliency maps, {n_layers} layers")
-    fwd_rate, fb_rate = bare_rates(model, x, y)
-    print(f"bare passes (fastest batch): forward {fwd_rate:.1f} img/s (no_grad), forward+backward "
-          f"{fb_rate:.1f} img/s")  # fmt: skip
+    rates = {"fp32": bare_rates(model, x, y), "bf16": bare_rates(model, x, y, torch.bfloat16)}
+    for name, (fwd, fb) in rates.items():
+        print(f"bare passes {name} (fastest batch): forward {fwd:.1f} img/s (no_grad), forward+backward "
+              f"{fb:.1f} img/s")  # fmt: skip
+    fwd_rate, fb_rate = rates["fp32"]
+    fastest_fwd, fastest_fb = (max(r[i] for r in rates.values()) for i in (0, 1))
+    with autotuning("1"):  # measured once here (cached), so no metric's time below includes the tuning
+        fast = forward_mode(model, x, "auto")
+        exact = forward_mode(model, x, "fp32")
+        explain_fast = autotune.explain_precision(model, x, "auto")
+        print(autotune.tune(model, x.shape, x.device, autotune.EXPLAIN_PASSES, sample=x).table())
+    print(f"exact mode: fp32, chunk {exact.chunk}; fast mode: metrics' forward passes {fast.precision}, chunk "
+          f"{fast.chunk}; re-explanations {explain_fast}")  # fmt: skip
 
-    def ours(metric: str, **params) -> Callable[[], np.ndarray]:
-        def run() -> np.ndarray:
-            return evaluate_explanations(model, x, y, a, metrics=[metric], **params)[metric].numpy()
+    def explain_precision(precision: str) -> str:
+        return explain_fast if precision == "auto" else precision
+
+    def ours(metric: str, **params) -> Callable[[str], np.ndarray]:
+        def run(precision: str) -> np.ndarray:
+            scores = evaluate_explanations(model, x, y, a, metrics=[metric], precision=precision, **params)
+            return scores[metric].numpy()
 
         return run
 
-    def direct(metric: str, **params) -> Callable[[], np.ndarray]:
+    def direct(metric: str, **params) -> Callable[[str], np.ndarray]:
         """The registered metric on the given saliency maps, re-explaining with saliency (as the peers,
-        which get the maps precomputed too)."""
-        fn, explain_fn = METRICS.get(metric).fn, method_explainer("saliency")
-        return lambda: fn(model, x, y, a, explain_fn=explain_fn, **params).numpy()
+        which get the maps precomputed too) at the mode's precision."""
+        fn = METRICS.get(metric).fn
+
+        def run(precision: str) -> np.ndarray:
+            explain_fn = method_explainer("saliency", precision=explain_precision(precision))
+            return fn(model, x, y, a, explain_fn=explain_fn, **params).numpy()
+
+        return run
+
+    def randomisation(precision: str) -> np.ndarray:
+        return xailab.metrics.model_randomisation(
+            model, x, y, method="saliency", attributions=a, seed=42,
+            method_params={"precision": explain_precision(precision)},
+        ).spearman.numpy()  # fmt: skip
+
+    def road(precision: str) -> np.ndarray:
+        mode = forward_mode(model, x, precision)  # as evaluate_explanations runs the metric
+        with mode.applied(model):
+            curve = xailab.metrics.road_curve(
+                model, x, y, a, percentages=tuple(PERCENTAGES), noise=0.0, batch_size=mode.chunk
+            )
+        return curve.numpy().mean(0)
 
     def q(metric, seed: int = 0, a_batch: np.ndarray | None = None, **call) -> Callable[[], object]:
         def run():
@@ -273,7 +326,7 @@ def bench_model(model_name: str, args) -> None:
             0, b * N_SENS,
         ),
         "model_randomisation": (
-            lambda: xailab.metrics.model_randomisation(model, x, y, method="saliency", attributions=a, seed=42),
+            randomisation,
             [("Quantus MPRT", q(mprt, explain_func=quantus_explain("saliency")),
               lambda v: np.asarray([v[k] for k in v if k != "original"]))],
             0, b * n_layers,
@@ -295,42 +348,47 @@ def bench_model(model_name: str, args) -> None:
     }  # fmt: skip
     if c == 1:
         cases["road (no noise)"] = (
-            lambda: xailab.metrics.road_curve(model, x, y, a, percentages=tuple(PERCENTAGES), noise=0.0).numpy(),
+            road,
             [("Quantus", q(quantus.ROAD(percentages=PERCENTAGES, noise=0.0, disable_warnings=True)),
               lambda v: np.asarray([v[p] for p in PERCENTAGES]))],
             b * len(PERCENTAGES), 0,
         )  # fmt: skip
-    print("| metric | xailab s/img (exact / autotuned) | peer s/img | peer time / xailab time (exact / "
-          "autotuned) | max abs diff | xailab / limit (exact / autotuned) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| metric | xailab s/img (fixed / exact / fast) | peer s/img | peer time / xailab time (fixed / exact / "
+          "fast) | max abs diff vs peer (exact) | max abs fast - exact | xailab / limit (fixed / exact / fast) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for metric, (fn_ours, peers, fwd_images, fb_images) in cases.items():
         if args.metrics and metric.split(" ")[0] not in args.metrics:
             continue
-        with autotuning("0"):  # exact mode: the fixed chunk rule
-            seconds, value = timed(fn_ours)
-        with autotuning("1"):  # autotuned: the chunks measured fastest for this model (cached)
-            fn_ours()  # tunes on the first metric, then reads the cache
-            tuned_seconds, _ = timed(fn_ours)
-        if metric == "model_randomisation":
-            value = value.spearman.numpy()
-        elif metric.startswith("road"):
-            value = value.mean(0)
-        limit = fwd_images / fwd_rate + fb_images / fb_rate
-        ratio = f"{seconds / limit:.2f}x / {tuned_seconds / limit:.2f}x" if limit > 0 else "n/a"
+        with autotuning("0"):  # the fixed chunk rule, fp32
+            fixed_s, _ = timed(partial(fn_ours, "fp32"))
+        with autotuning("1"):  # the chunks and precision measured fastest for this model (cached above)
+            exact_s, value = timed(partial(fn_ours, "fp32"))
+            fast_s, fast_value = timed(partial(fn_ours, "auto"))
+        own = np.asarray(fast_value, dtype=float) - np.asarray(value, dtype=float)
+        fast_diff = f"{np.nanmax(np.abs(own)):.2g}" if own.size and not np.isnan(own).all() else "n/a"
+        times = (fixed_s, exact_s, fast_s)
+        limits = (fwd_images / fwd_rate + fb_images / fb_rate,) * 2 + (
+            fwd_images / fastest_fwd + fb_images / fastest_fb,
+        )
+        ratio = (
+            " / ".join(f"{t / lim:.2f}x" for t, lim in zip(times, limits, strict=True))
+            if limits[0] > 0
+            else "n/a"
+        )
+        per_image = " / ".join(f"{t / b:.4f}" for t in times)
         for peer_name, peer, to_values in peers:
             try:
                 peer_seconds, peer_value = timed(peer)
                 diff = "n/a (other definition)"
                 if to_values is not None:
                     diff = f"{np.nanmax(np.abs(np.asarray(to_values(peer_value), dtype=float) - value)):.2g}"
-                print(f"| {metric} vs {peer_name} | {seconds / b:.4f} / {tuned_seconds / b:.4f} | "
-                      f"{peer_seconds / b:.4f} | {peer_seconds / seconds:.1f}x / {peer_seconds / tuned_seconds:.1f}x "
-                      f"| {diff} | {ratio} |")  # fmt: skip
+                speed = " / ".join(f"{peer_seconds / t:.1f}x" for t in times)
+                print(f"| {metric} vs {peer_name} | {per_image} | {peer_seconds / b:.4f} | {speed} | {diff} | "
+                      f"{fast_diff} | {ratio} |")  # fmt: skip
             except Exception as e:  # a failing peer is reported, not fatal
                 traceback.print_exc(limit=1)
-                print(
-                    f"| {metric} vs {peer_name} | {seconds / b:.4f} | failed: {type(e).__name__} | | | {ratio} |"
-                )
+                print(f"| {metric} vs {peer_name} | {per_image} | failed: {type(e).__name__} | | | {fast_diff} | "
+                      f"{ratio} |")  # fmt: skip
 
 
 def main() -> None:

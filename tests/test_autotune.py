@@ -331,3 +331,88 @@ def test_tuning_from_a_no_grad_caller_still_times_gradient_passes(cache):
     with torch.no_grad():
         tuning = tune(Tiny(), (1, 8, 8), passes=("input_grad", "train_step"), budget_s=0.1, train_batch=4)
     assert set(tuning.choices) == {"input_grad", "train_step"}
+
+
+def test_the_cost_is_bounded_by_the_budget_and_logged(cache, monkeypatch, caplog):
+    """On a fake clock where every timed candidate costs one second and no chunk size is ever slower (so
+    the sweeps would not stop by themselves): a call spends at most its budget plus, per pass, its probes
+    and one candidate, reports it as ``seconds`` and logs it."""
+    now = [0.0]
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])
+
+    def flat(pass_name: str, c: Config) -> float:
+        return 1e-3 * (8 if c.precision == "bf16" else 1)  # bf16 a clear loser; every fp32 chunk as fast
+
+    class Clocked(FakeTimer):
+        def __call__(self, pass_name: str, config: Config, run: Callable[[], object]) -> float:
+            now[0] += 1.0
+            return super().__call__(pass_name, config, run)
+
+    free = Clocked(flat)
+    tune(Tiny(), (1, 8, 8), timer=free, cache_dir=cache / "free", budget_s=1000.0)
+    now[0] = 0.0
+    timer = Clocked(flat)
+    with caplog.at_level(logging.INFO, logger="xailab.autotune"):
+        tuning = tune(Tiny(), (1, 8, 8), timer=timer, cache_dir=cache / "bounded", budget_s=4.0)
+    probes = sum(c.batch in (2, 4) for _, c in timer.calls)  # stage 0: 1/8 of 16 (explaining), 32 (training)
+    assert probes == 8
+    bound = 4.0 + probes + len(autotune.PASSES)  # the budget, the probes, one candidate per pass
+    assert tuning.seconds == now[0] == len(timer.calls) <= bound < len(free.calls)
+    assert set(tuning.choices) == set(autotune.PASSES)  # every pass still gets a choice
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("autotuned")]
+    assert (
+        logged
+        and f"in {tuning.seconds:.1f} s ({tuning.seconds:.1f} s timing candidates, budget 4.0 s)"
+        in (logged[0])
+    )
+    assert json.loads(tuning.path.read_text())["seconds"] == tuning.seconds  # and kept with the decision
+
+
+def split_peaks(pass_name: str, c: Config) -> float:
+    """bf16 twice as fast and fastest at 32 images; fp32 fastest at 128."""
+    peak = 6 if c.precision == "bf16" else 8
+    return 1e-3 * (0.5 if c.precision == "bf16" else 1) * (1 + abs(c.batch.bit_length() - peak) * 0.05)
+
+
+def test_the_exact_fp32_mode_gets_its_own_chunk_when_bf16_wins(cache):
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, timer = Tiny(), FakeTimer(split_peaks)
+    tuning = tune(model, x.shape, passes=autotune.EXPLAIN_PASSES, timer=timer, sample=x)
+    assert tuning.bf16_accurate and tuning.choices["forward"] == Config("bf16", False, 32)
+    fp32_sweep = [c.batch for p, c in timer.calls if p == "forward" and c.precision == "fp32"]
+    assert fp32_sweep == [2, 16, 32, 64, 128, 256, 512]  # past the peak at 128 by two sizes
+    assert autotune.chunk_size(model, x, grad=False) == 32  # the chosen (bf16) configuration's
+    assert autotune.chunk_size(model, x, grad=False, precision="bf16") == 32
+    assert autotune.chunk_size(model, x, grad=False, precision="fp32") == 128
+    assert autotune.chunk_size(model, x, grad=True, precision="fp32") == 128  # cap 256 with gradients
+
+
+def test_the_target_class_is_chosen_in_fp32(cache):
+    """A model whose bf16 path adds a large constant to class 2 (so bf16 would pick it for every image, while
+    no gradient changes): saliency in bf16 explains each image's fp32 class, whose map is |W[class]|."""
+
+    class Linear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+            with torch.no_grad():
+                self.fc.bias.copy_(torch.tensor([0.0, 0.0, -50.0]))  # fp32 never picks class 2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc(x.flatten(1))
+            if torch.is_autocast_enabled(x.device.type):
+                out = out + torch.tensor([0.0, 0.0, 100.0])
+            return out
+
+    model, x = Linear(), torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32_classes = model(x).argmax(1)
+    assert (fp32_classes != 2).all()
+    from xailab.explain import explain
+
+    for precision in ("bf16", "auto"):
+        tune(model, x.shape, passes=autotune.EXPLAIN_PASSES, timer=FakeTimer(bf16_cpu_like), sample=x)
+        maps = explain(model, x, "saliency", precision=precision).flatten(1)
+        expected = model.fc.weight.detach().abs()[fp32_classes]  # [6, 16]
+        torch.testing.assert_close(maps, expected, rtol=1e-2, atol=1e-3)  # bf16-rounded weights
+        assert not torch.allclose(maps, model.fc.weight.detach().abs()[2].expand_as(maps), atol=1e-2)

@@ -7,20 +7,25 @@ everywhere, so ``tune`` times the candidates for one model, input shape and devi
 
 - ``train_step``: forward + cross-entropy + backward + SGD step, fp32 / bf16 autocast x NCHW / channels_last
   (plus ``torch.compile`` on CUDA), at one batch;
-- ``forward`` (``no_grad``) and ``input_grad`` (forward + gradient w.r.t. the input, the pass of gradient
-  explanations): fp32 / bf16 in the layout the model has (explanations never convert a caller's model), then
-  chunk sizes from a small geometric set for the winner.
+- ``forward`` (``no_grad``: metrics' perturbed copies, perturbation methods) and ``input_grad`` (forward +
+  gradient w.r.t. the input, the pass of gradient explanations): fp32 / bf16 in the layout the model has
+  (explanations never convert a caller's model), then chunk sizes from a small geometric set for the winner,
+  and for fp32 too when bf16 won (the exact fp32 mode is the default and gets its own measured chunk).
 
 Each candidate gets a warm-up call and a few timed calls (the fastest counts: the machine may be shared);
-a candidate whose warm-up is already far slower than the best is not timed further. The decision is a pure
-function of the timings (``choose``); for explanations bf16 is allowed only when the per-image Spearman rank
-correlation of its input x gradient maps with the fp32 maps, averaged over the tuning sample (the caller's
-images when it has them, else seeded noise), is at least ``RANK_GUARD``; the target is chosen in fp32.
+a candidate whose warm-up is already far slower than the best is not timed further. The cost is bounded:
+the timed calls of a ``tune`` call spend at most ``budget_s`` (``BUDGET_S``) plus, per pass, its probes and
+one candidate, and what it spent is logged. The decision is a pure function of the timings (``choose``); for explanations
+(and metrics' forward passes) bf16 is allowed only when the per-image Spearman rank correlation of its input
+x gradient maps with the fp32 maps, averaged over the tuning sample (the caller's images when it has them,
+else seeded noise), is at least ``RANK_GUARD``; the target is chosen in fp32.
 
 Decisions are cached as JSON under ``<cache dir>/autotune/`` (``XAILAB_CACHE_DIR``), keyed by an
 architecture fingerprint (module types and shapes, not weights), the input shape, the device name and the
 torch version, so a machine measures once. ``XAILAB_AUTOTUNE=0`` (or ``autotune=False``) turns it off and
-the fixed rules of ``xailab.device`` apply; explicit settings always win over both.
+the fixed rules of ``xailab.device`` apply; explicit settings always win over both. What the rest of
+xailab asks: ``train_settings`` (training), ``explain_precision`` (explanations), ``metric_precision``
+(metrics' fast mode) and ``chunk_size`` (images per call of copies).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from xailab.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1  # of the cache format and of the measuring procedure: a change invalidates old files
+VERSION = 2  # of the cache format and of the measuring procedure: a change invalidates old files
 ENV = "XAILAB_AUTOTUNE"
 Pass = Literal["train_step", "forward", "input_grad"]
 Precision = Literal["fp32", "bf16"]
@@ -60,6 +65,9 @@ PROBE_FRACTION = 8  # stage 0 probes each candidate at 1/8 of the stage-1 batch
 PROBE_GIVE_UP = 4.0
 GIVE_UP = 3.0  # WallClock: a warm-up this many times slower per image than the best is not timed further
 RANK_GUARD = 0.99  # mean per-image Spearman of bf16 vs fp32 maps needed to explain in bf16
+# Seconds of timed calls one ``tune`` call may spend (shared by its passes), plus per pass at most its
+# probes and one candidate: a few seconds per model on a 2-core CPU.
+BUDGET_S = 6.0
 # Largest chunk tried, as (pixel budget, cap): keeps a chunk's memory bounded whatever the image size.
 MEMORY_CAPS = {
     ("cpu", False): (512 * 32 * 32, 512),
@@ -441,17 +449,37 @@ class _Bench:
         return input_grad
 
 
+class _Metered:
+    """A timer counting the seconds spent inside its calls (warm-ups and timed calls: the measuring itself),
+    what the budget of ``tune`` bounds. A fake timer spends none, so injected timings never hit the budget."""
+
+    def __init__(self, timer: Timer):
+        self.timer, self.seconds = timer, 0.0
+
+    def __call__(self, pass_name: str, config: Config, run: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        try:
+            return self.timer(pass_name, config, run)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 def _measure_pass(
     bench: _Bench,
     pass_name: str,
-    timer: Timer,
+    timer: _Metered,
     train_batch: int,
-    budget_s: float,
+    deadline: float,
     allow_bf16: Callable[[Config], bool],
 ) -> dict[Config, float]:
-    """Seconds per image of the candidates of one pass: stage 1 precision x layout at one batch; then, for
-    explanation passes, chunk sizes for the winner until they stop improving or the budget is spent."""
-    start = time.perf_counter()
+    """Seconds per image of the candidates of one pass: stage 0 probes every precision x layout at a few
+    images, stage 1 times the promising ones at one batch; then, for explanation passes, chunk sizes for the
+    winner (and for fp32, the exact mode, when bf16 won) until they stop improving or the time runs out.
+
+    The cost is bounded: the probes and the first stage-1 candidate always run (every pass gets a choice);
+    any other candidate starts only while ``timer.seconds`` is below ``deadline``, so a pass ends at most
+    one candidate after it. A candidate left untimed keeps its probe's timing.
+    """
     grad = pass_name != "forward"
     cap = max_batch(bench.shape, bench.device, grad)
     first = min(train_batch if pass_name == "train_step" else BATCHES[0], cap)
@@ -465,13 +493,21 @@ def _measure_pass(
     for c in _candidates(max(1, first // PROBE_FRACTION), layouts):
         probes[c] = timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
     fastest = min(probes.values())
-    for probe, s in probes.items():
-        if s <= PROBE_GIVE_UP * fastest and probe.batch != first:
-            c = Config(probe.precision, probe.channels_last, first, probe.compile)
-            timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
-            del timings[probe]  # a screening only: small batches carry more per-call overhead
+    full = 0  # stage-1 candidates timed
+    # The most promising first, so that a budget spent early leaves only the likely losers at their probe.
+    for probe, s in sorted(probes.items(), key=lambda cs: (cs[1], cs[0].order())):
+        if s > PROBE_GIVE_UP * fastest or probe.batch == first:
+            continue
+        if full and timer.seconds > deadline:
+            logger.info("autotune %s: time spent; %s keeps its probe's timing", pass_name, probe.label)
+            continue
+        c = Config(probe.precision, probe.channels_last, first, probe.compile)
+        timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
+        del timings[probe]  # a screening only: small batches carry more per-call overhead
+        full += 1
     if pass_name == "train_step":
-        if bench.device.type == "cuda":  # torch.compile of the eager winner only: compiling costs seconds
+        # torch.compile of the eager winner only (compiling costs seconds), and only with time left
+        if bench.device.type == "cuda" and timer.seconds <= deadline:
             eager = choose(timings)
             c = Config(eager.precision, eager.channels_last, eager.batch, compile=True)
             try:
@@ -480,18 +516,38 @@ def _measure_pass(
                 logger.warning("autotune: torch.compile failed (%s: %s)", type(error).__name__, error)
         return timings
     winner = choose(timings, allow_bf16=allow_bf16(choose(timings)))
+    # The exact fp32 mode is every face's default: when bf16 wins, fp32 gets its own chunk sweep, the two
+    # sharing the time left.
+    sweeps = [winner] if winner.precision == "fp32" else [winner, choose(timings, allow_bf16=False)]
+    now = timer.seconds
+    for i, base in enumerate(sweeps):
+        until = now + (deadline - now) * (i + 1) / len(sweeps)
+        _sweep_chunks(bench, pass_name, timer, base, cap, until, timings)
+    return timings
+
+
+def _sweep_chunks(
+    bench: _Bench,
+    pass_name: str,
+    timer: _Metered,
+    base: Config,
+    cap: int,
+    until: float,
+    timings: dict[Config, float],
+) -> None:
+    """Time ``base`` at the chunk sizes of ``BATCHES`` above its own, up to ``cap``, into ``timings``: stop
+    two sizes past the fastest (larger chunks only outgrow the caches further) or at ``until``."""
     worse = 0
-    for batch in (b for b in BATCHES if first < b <= cap):
-        if time.perf_counter() - start > budget_s:
-            logger.info("autotune %s: budget of %.1f s spent before batch %d", pass_name, budget_s, batch)
+    for batch in (b for b in BATCHES if base.batch < b <= cap):
+        if timer.seconds > until:
+            logger.info("autotune %s: time spent before %s batch %d", pass_name, base.label, batch)
             break
-        c = Config(winner.precision, winner.channels_last, batch, winner.compile)
+        c = Config(base.precision, base.channels_last, batch, base.compile)
         timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / batch
         best = min(s for k, s in timings.items() if k.precision == c.precision and k.compile == c.compile)
         worse = 0 if timings[c] <= best else worse + 1
-        if worse == 2:  # past the peak: larger chunks only outgrow the caches further
+        if worse == 2:
             break
-    return timings
 
 
 def _key_fields(
@@ -539,14 +595,17 @@ def tune(
     cache_dir: str | Path | None = None,
     refresh: bool = False,
     train_batch: int = 32,
-    budget_s: float = 3.0,
+    budget_s: float = BUDGET_S,
     sample: Tensor | None = None,
 ) -> Tuning:
     """The fastest configuration of each of ``passes`` for ``model`` on images ``[..., C, H, W]`` of
     ``input_shape`` on ``device`` (default: the model's): read from the cache, or measured and cached.
 
-    ``train_batch`` images per timed training step; ``budget_s`` bounds the chunk-size sweep of each
-    explanation pass (the precision x layout candidates are always all timed). ``refresh`` measures again.
+    ``train_batch`` images per timed training step. ``budget_s`` bounds what measuring costs, counted as the
+    seconds spent in the timer's calls: the passes to measure share it (a pass may use what an earlier one
+    left), and past its share a pass starts no candidate beyond its probes and one timed configuration, so
+    the timing costs at most ``budget_s`` plus, per pass, its probes and one candidate. The whole cost is
+    logged and kept as ``Tuning.seconds``. ``refresh`` measures again.
     ``timer(pass, config, run) -> seconds per call`` replaces the wall clock (tests inject fake timings).
     ``sample`` ``[N, C, H, W]``: real images for the timed passes and the bf16 accuracy check (default:
     seeded Gaussian noise). The model is never modified: passes run on private copies.
@@ -570,7 +629,7 @@ def tune(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bench = _Bench(model, input_shape, device, sample)
-    timer = timer if timer is not None else WallClock(device)
+    metered = _Metered(timer if timer is not None else WallClock(device))
 
     def allow_bf16(winner: Config) -> bool:
         """Whether an explanation pass may use bf16: checked (once) only when bf16 won stage 1."""
@@ -591,20 +650,24 @@ def tune(
         torch.inference_mode(False),
         torch.enable_grad(),
     ):
-        for p in passes:
-            if p not in timings:
-                timings[p] = _measure_pass(bench, p, timer, train_batch, budget_s, allow_bf16)
-                if p in EXPLAIN_PASSES:
-                    allow_bf16(choose(timings[p]))  # the guard whenever bf16 is the fastest
-    seconds = time.perf_counter() - start + (cached.seconds if cached is not None else 0.0)
+        todo = [p for p in passes if p not in timings]
+        for i, p in enumerate(todo):
+            share = budget_s * (i + 1) / len(todo)  # what an earlier pass left carries over
+            timings[p] = _measure_pass(bench, p, metered, train_batch, share, allow_bf16)
+            if p in EXPLAIN_PASSES:
+                allow_bf16(choose(timings[p]))  # the guard whenever bf16 is the fastest
+    spent = time.perf_counter() - start
+    seconds = spent + (cached.seconds if cached is not None else 0.0)
     tuning = Tuning(key, fields, timings, rank, seconds, path)
     write_json(path, tuning.to_dict())
     logger.info(
-        "autotuned %s %s on %s in %.1f s: %s",
+        "autotuned %s %s on %s in %.1f s (%.1f s timing candidates, budget %.1f s): %s",
         fields["model"],
         tuple(fields["input_shape"]),
         fields["device"],
-        time.perf_counter() - start,
+        spent,
+        metered.seconds,
+        budget_s,
         "; ".join(f"{p}: {c.label} batch {c.batch}" for p, c in tuning.choices.items()),
     )
     return tuning
@@ -613,6 +676,12 @@ def tune(
 # ---------------------------------------------------------------------------------------------------------
 # What the rest of xailab asks (explicit settings win; with autotuning off, the fixed rules of old)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _check_precision(precision: str) -> None:
+    """ConfigError unless ``precision`` is ``auto``, ``fp32`` or ``bf16``."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision={precision!r} is not one of: auto, fp32, bf16")
 
 
 def train_settings(
@@ -632,8 +701,7 @@ def train_settings(
     The free ones come from the measured fastest training step (compiled or eager as ``compile`` says), or
     with autotuning off from the fixed rule: bf16 where ``bf16_is_fast``, channels_last on CUDA or with bf16.
     """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision={precision!r} is not one of: auto, fp32, bf16")
+    _check_precision(precision)
     if precision != "auto" and channels_last is not None:
         return precision, channels_last  # type: ignore[return-value]
     if not enabled(autotune):
@@ -644,29 +712,59 @@ def train_settings(
     return c.precision, c.channels_last
 
 
+def _explain_tuning(model: nn.Module, inputs: Tensor) -> Tuning:
+    """The tuning of the explanation passes (no-grad forward, forward + input gradient) of ``model`` on
+    ``inputs`` ``[B, C, H, W]`` on their device, the inputs serving as the tuning sample: explanations and
+    metrics share it, so one measurement (cached) serves both."""
+    return tune(model, inputs.shape, inputs.device, EXPLAIN_PASSES, sample=inputs)
+
+
 def explain_precision(
     model: nn.Module, inputs: Tensor, precision: str = "auto", *, autotune: bool | None = None
 ) -> Precision:
     """The precision of explaining ``model`` on ``inputs`` ``[B, C, H, W]``: an explicit ``fp32``/``bf16``
     as given; ``auto`` is bf16 only where it measured faster for both explanation passes and kept the
     rank-correlation guard (autotuning off: where ``bf16_is_fast``)."""
-    if precision in ("fp32", "bf16"):
-        return precision  # type: ignore[return-value]
+    _check_precision(precision)
     if precision != "auto":
-        raise ConfigError(f"precision={precision!r} is not one of: auto, fp32, bf16")
-    device = inputs.device
+        return cast(Precision, precision)
     if not enabled(autotune):
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    tuning = tune(model, inputs.shape, device, EXPLAIN_PASSES, sample=inputs)
+        return "bf16" if bf16_is_fast(inputs.device) else "fp32"
+    tuning = _explain_tuning(model, inputs)
     fast = all(tuning.choices[p].precision == "bf16" for p in EXPLAIN_PASSES)
     return "bf16" if fast and tuning.bf16_accurate else "fp32"
 
 
-def chunk_size(model: nn.Module, inputs: Tensor, grad: bool, *, autotune: bool | None = None) -> int | None:
+def metric_precision(
+    model: nn.Module, inputs: Tensor, precision: str = "fp32", *, autotune: bool | None = None
+) -> Precision:
+    """The precision of a metric's forward passes of perturbed copies of ``inputs`` ``[B, C, H, W]``
+    through ``model``: an explicit ``fp32``/``bf16`` as given; ``auto`` (the fast mode) is bf16 only where
+    the no-grad forward measured faster in bf16 for this model, shape and device and the rank-correlation
+    guard held (autotuning off: where ``bf16_is_fast``)."""
+    _check_precision(precision)
+    if precision != "auto":
+        return cast(Precision, precision)
+    if not enabled(autotune):
+        return "bf16" if bf16_is_fast(inputs.device) else "fp32"
+    return _explain_tuning(model, inputs).choices["forward"].precision  # guarded: fp32 if bf16 failed it
+
+
+def chunk_size(
+    model: nn.Module,
+    inputs: Tensor,
+    grad: bool,
+    *,
+    precision: Precision | None = None,
+    autotune: bool | None = None,
+) -> int | None:
     """The measured fastest number of images per call for copies of ``inputs`` ``[B, C, H, W]`` through
-    ``model``, forward only (``grad=False``) or with the input's gradient; None with autotuning off (the
-    caller keeps its fixed rule)."""
+    ``model``, forward only (``grad=False``) or with the input's gradient: for the chosen configuration, or
+    (``precision`` given) the fastest measured at that precision; None with autotuning off (the caller
+    keeps its fixed rule)."""
     if not enabled(autotune):
         return None
-    tuning = tune(model, inputs.shape, inputs.device, EXPLAIN_PASSES, sample=inputs)
-    return tuning.choices["input_grad" if grad else "forward"].batch
+    tuning = _explain_tuning(model, inputs)
+    pass_name: Pass = "input_grad" if grad else "forward"
+    config = tuning.choices[pass_name] if precision is None else tuning.best(pass_name, precision)
+    return config.batch

@@ -28,8 +28,11 @@ from xailab.metrics.base import (
     DEFAULT_METRICS,
     METRICS,
     Direction,
+    ForwardMode,
+    MetricPrecision,
     check_request,
     chunked_explain,
+    forward_mode,
     method_explainer,
     score_explanations,
     summarise,
@@ -189,6 +192,7 @@ def assess(
     sanity_seed: int = RANDOMISATION_SEED,
     n_examples: int = 4,
     agreement: bool | None = None,
+    precision: MetricPrecision = "fp32",
 ) -> Assessment:
     """Assess ``methods`` on ``inputs`` ``[N, C, H, W]`` (normalised as the model expects) for ``targets``
     ``[N]`` (None: the predicted classes) by ``metrics``; the record of what was found.
@@ -199,7 +203,8 @@ def assess(
     ``sanity_methods`` get the cascading randomisation check on the first ``sanity_images`` images (default:
     every method on every image when ``model_randomisation`` is a metric, whose scores then come from the
     same run), seeded with ``sanity_seed``, keeping ``n_examples`` images' maps. ``agreement`` between the
-    methods' maps is computed when True (None: with two methods or more).
+    methods' maps is computed when True (None: with two methods or more). ``precision``: of the metrics'
+    forward passes of perturbed copies (``fp32`` exact; ``auto`` the fast mode; see ``xailab.metrics.base``).
     """
     method_params = dict(method_params or {})
     metric_params = dict(metric_params or {})
@@ -219,6 +224,7 @@ def assess(
     curves: dict[str, dict[str, tuple[float, ...]]] = {}
     sanity: dict[str, SanityCurves] = {}
     sanity_maps: dict[str, Tensor] = {}
+    fast: ForwardMode | None = None  # how the removal curves run their forward passes
     for method in methods:
         explain_fn = explainers[method]
         start = time.perf_counter()
@@ -230,10 +236,10 @@ def assess(
         curves[method] = {}
         for name, mode in CURVE_METRICS.items():
             if name in metrics:
-                with preserved_state(model):
-                    curve = removal_curve(
-                        model, inputs, target_t, attributions, mode, **_curve_params(mode, metric_params)
-                    )
+                fast = fast or forward_mode(model, inputs, precision)  # resolved once
+                curve_kwargs = {"batch_size": fast.chunk, **_curve_params(mode, metric_params)}
+                with preserved_state(model), fast.applied(model):
+                    curve = removal_curve(model, inputs, target_t, attributions, mode, **curve_kwargs)
                 scores[name] = trapezoid(curve, 1.0 / (curve.shape[1] - 1)).float().cpu()
                 curves[method][mode] = tuple(curve.mean(0).tolist())
         if method in sanity_methods:
@@ -251,7 +257,7 @@ def assess(
             with preserved_state(model):
                 scores.update(
                     score_explanations(
-                        model, inputs, target_t, attributions, rest, explain_fn, seed, **kwargs
+                        model, inputs, target_t, attributions, rest, explain_fn, seed, precision, **kwargs
                     )
                 )
         per_image[method] = {m: tuple(scores[m].tolist()) for m in metrics}

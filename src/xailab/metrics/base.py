@@ -4,12 +4,22 @@ on one batch and ``summarise`` turns per-image scores into a mean with a seeded 
 
 Metrics that re-explain (sensitivity, randomisation, random logit) receive ``explain_fn(model, inputs,
 targets) -> [B, 1, H, W]``, built by ``evaluate_explanations`` from the ``method`` name.
+
+Precision: metrics are exact (fp32) by default. ``precision="auto"`` is the fast mode of the metrics that
+score perturbed copies (faithfulness metrics): their forward passes run under bf16 autocast only where
+``xailab.autotune`` measured bf16 faster for this model, input shape and device (and its accuracy guard
+held), in chunks of the size measured fastest at that precision (``forward_mode``); ``precision="bf16"``
+forces it. Targets are always chosen in fp32, and explanations (also those a metric re-computes) run at the
+precision of ``method_params``. On a test model, fast-mode values stay within ``FAST_MODE_TOLERANCE`` of the
+exact ones (``tests/test_metrics_fast_mode.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,8 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from xailab import autotune
 from xailab.errors import ConfigError
-from xailab.explain.base import explain, preserved_state, resolve_target, validate_method_params
+from xailab.explain.base import (
+    autocast_forward,
+    explain,
+    preserved_state,
+    resolve_target,
+    validate_method_params,
+)
 from xailab.explain.batching import chunk_size, map_chunks, scores_from_logits
 from xailab.registry import Registry
 
@@ -26,6 +43,21 @@ ExplainFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Direction = Literal["higher", "lower", "none"]
 
 DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "faithfulness_correlation", "sparseness", "complexity")
+MetricPrecision = Literal["fp32", "bf16", "auto"]
+# How far fast-mode (bf16) values may lie from exact ones, per metric, as (atol, rtol) of
+# ``torch.testing.assert_close``: |fast - exact| <= atol + rtol * |exact| per image. Checked on the tests'
+# calibrated tiny CNN (``tests/test_metrics_fast_mode.py``), whose largest deviations over ten seeded
+# models were 3-10x smaller.
+# bf16 keeps 8 significant bits: probabilities and their areas move by ~1e-3; a correlation of small score
+# changes moves more; ROAD's accuracy may flip for a copy at a near-tie (0.1: one percentage in ten).
+FAST_MODE_TOLERANCE: dict[str, tuple[float, float]] = {
+    "deletion_auc": (0.005, 0.01),
+    "insertion_auc": (0.005, 0.01),
+    "pixel_flipping": (0.05, 0.02),
+    "faithfulness_correlation": (0.1, 0.0),
+    "road": (0.1, 0.0),
+    "infidelity": (0.02, 0.05),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,37 @@ class MetricSpec:
     def accepts(self, param: str) -> bool:
         """Whether the metric's function takes the keyword ``param``."""
         return param in inspect.signature(self.fn).parameters
+
+    @property
+    def scores_copies(self) -> bool:
+        """Whether the metric scores perturbed copies by forward passes (chunked by ``batch_size``) without
+        re-explaining: the metrics a fast mode (``forward_mode``) applies to."""
+        return not self.needs_method and self.accepts("batch_size")
+
+
+@dataclass(frozen=True)
+class ForwardMode:
+    """How a metric runs its forward passes of perturbed copies: at ``precision`` (bf16: under autocast,
+    logits returned as float32) in chunks of ``chunk`` images (None: autotuning off, the metric keeps its
+    fixed rule)."""
+
+    precision: autotune.Precision
+    chunk: int | None
+
+    def applied(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """A context running ``model``'s forward at this precision for the block."""
+        if self.precision == "bf16":
+            return autocast_forward(model, torch.bfloat16)
+        return contextlib.nullcontext(model)
+
+
+def forward_mode(model: nn.Module, inputs: Tensor, precision: MetricPrecision = "fp32") -> ForwardMode:
+    """The precision and chunk size of a metric's forward passes of copies of ``inputs`` ``[B, C, H, W]``
+    through ``model``: ``fp32`` (exact, the default) or ``bf16`` as given; ``auto`` (the fast mode) bf16
+    only where ``xailab.autotune`` measured it faster here (``autotune.metric_precision``). The chunk is the
+    one measured fastest at that precision (``autotune.chunk_size``)."""
+    resolved = autotune.metric_precision(model, inputs, precision)
+    return ForwardMode(resolved, autotune.chunk_size(model, inputs, grad=False, precision=resolved))
 
 
 METRICS: Registry[MetricSpec] = Registry("metric")
@@ -131,6 +194,7 @@ def evaluate_explanations(
     metrics: Sequence[str] = DEFAULT_METRICS,
     seed: int = 0,
     method_params: dict | None = None,
+    precision: MetricPrecision = "fp32",
     **params,
 ) -> dict[str, Tensor]:
     """Scores of the explanations of ``model`` for ``inputs`` ``[B, C, H, W]`` (normalised as the model
@@ -139,8 +203,11 @@ def evaluate_explanations(
     Give exactly one of ``attributions`` ``[B, 1, H, W]`` (maps computed elsewhere) or ``method`` (a name of
     ``xailab.list_methods()``, run with ``method_params``). Metrics that re-explain need ``method``.
     ``params`` go to every metric that takes them (e.g. ``batch_size``, ``baseline``); a name no chosen
-    metric takes raises a ConfigError. Returns metric -> float ``[B]`` on the CPU; the model's modes and
-    ``requires_grad`` flags are restored afterwards.
+    metric takes raises a ConfigError. ``precision``: of the forward passes of metrics that score perturbed
+    copies: ``fp32`` (exact), ``auto`` (fast mode: bf16 where measured faster) or ``bf16`` (see the module
+    docstring); the targets are chosen and the maps computed first, at fp32 and ``method_params``'s
+    precision. Returns metric -> float ``[B]`` on the CPU; the model's modes and ``requires_grad`` flags are
+    restored afterwards.
     """
     if (attributions is None) == (method is None):
         raise ConfigError("give exactly one of attributions=[B, 1, H, W] maps or method=<name> (not both)")
@@ -155,7 +222,9 @@ def evaluate_explanations(
         if attributions is None:
             assert explain_fn is not None
             attributions = explain_fn(model, inputs, target_t)
-        return score_explanations(model, inputs, target_t, attributions, metrics, explain_fn, seed, **params)
+        return score_explanations(
+            model, inputs, target_t, attributions, metrics, explain_fn, seed, precision, **params
+        )
 
 
 def score_explanations(
@@ -166,16 +235,20 @@ def score_explanations(
     metrics: Sequence[str],
     explain_fn: ExplainFn | None = None,
     seed: int = 0,
+    precision: MetricPrecision = "fp32",
     **params,
 ) -> dict[str, Tensor]:
     """The core of ``evaluate_explanations`` for callers that already hold the maps ``[B, 1, H, W]``, the
     ``[B]`` long targets on the model's device and (for metrics that re-explain) ``explain_fn``.
 
-    ``params`` go to every metric that takes them; a name no metric takes raises a ConfigError. Returns
-    metric -> float ``[B]`` on the CPU.
+    ``params`` go to every metric that takes them; a name no metric takes raises a ConfigError. Metrics
+    that score perturbed copies run their forward passes as ``forward_mode(model, inputs, precision)``
+    says, in its chunks unless ``batch_size`` is given. Returns metric -> float ``[B]`` on the CPU.
     """
     specs = check_request(metrics, params, can_explain=explain_fn is not None)
     attributions = check_attributions(inputs, attributions)
+    # Resolved once, and only when some metric runs the model on copies (sparseness alone measures nothing).
+    mode = forward_mode(model, inputs, precision) if any(s.scores_copies for s in specs) else None
     scores = {}
     for spec in specs:
         kwargs = {k: v for k, v in params.items() if spec.accepts(k)}
@@ -183,7 +256,13 @@ def score_explanations(
             kwargs["seed"] = seed
         if spec.needs_method:
             kwargs["explain_fn"] = explain_fn
-        scores[spec.name] = spec.fn(model, inputs, targets, attributions, **kwargs).detach().float().cpu()
+        # Never around a re-explaining metric: its explanations run at their own precision, and copies of
+        # the model (randomisation) must not inherit a swapped forward.
+        fast = mode if mode is not None and spec.scores_copies else None
+        if fast is not None and fast.chunk is not None and kwargs.get("batch_size") is None:
+            kwargs["batch_size"] = fast.chunk  # an explicit batch_size wins
+        with fast.applied(model) if fast is not None else contextlib.nullcontext():
+            scores[spec.name] = spec.fn(model, inputs, targets, attributions, **kwargs).detach().float().cpu()
     return scores
 
 
