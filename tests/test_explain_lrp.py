@@ -289,6 +289,71 @@ def test_two_layer_example_matches_the_formula_by_hand(rule):
     np.testing.assert_allclose(got.flatten().numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_user_composite_picks_the_most_specific_key():
+    """A user composite maps module paths, ``"first"``, layer types (or their names) and categories to rules;
+    the most specific key wins, in that order: each mapping gives exactly the map of the rule it should pick
+    for the first layer (LRP-0 on the dense layer throughout)."""
+    model = two_layer()
+    x = torch.tensor(X, dtype=torch.float32).view(1, 1, 2, 2)
+
+    def run(mapping: dict) -> torch.Tensor:
+        return explain(model, x, "lrp", target=0, reduce=None, composite={"linear": Zero(), **mapping})
+
+    expected = {name: run({"0": rule}) for name, rule in {**HAND_RULES, **INPUT_RULES}.items()}
+    chosen = ("epsilon", "z_plus", "flat", "w_square")
+    for i, a in enumerate(chosen):  # the four maps differ, so a wrong pick shows
+        assert all(not torch.allclose(expected[a], expected[b], atol=1e-4) for b in chosen[i + 1 :]), a
+    picks = [
+        ({"conv": Epsilon(1e-6)}, "epsilon"),
+        ({"conv": Epsilon(1e-6), "Conv2d": ZPlus(stabilizer=0.0)}, "z_plus"),
+        ({"conv": Epsilon(1e-6), nn.Conv2d: ZPlus(stabilizer=0.0)}, "z_plus"),
+        ({"Conv2d": ZPlus(stabilizer=0.0), "first": Flat(stabilizer=0.0)}, "flat"),
+        ({"first": Flat(stabilizer=0.0), "0": WSquare(stabilizer=0.0)}, "w_square"),
+        ({"conv": "z_plus"}, "z_plus"),  # a rule by name, built with the call's parameters
+    ]
+    for mapping, rule in picks:
+        torch.testing.assert_close(run(mapping), expected[rule], msg=f"{mapping} should pick {rule}")
+
+
+def test_z_b_bounds_are_the_normalised_data_range():
+    """``box_bounds(mean, std)``: [0, 1] images normalised per channel span ``[-mean / std, (1 - mean) / std]``;
+    per-channel bounds enter the z-B formula channel by channel (checked by hand on a 3-channel layer), and
+    without bounds z-B takes each channel's minimum and maximum over the batch."""
+    low, high = box_bounds((0.5, 0.25, 0.0), (0.25, 0.5, 1.0))
+    torch.testing.assert_close(low, torch.tensor([-2.0, -0.5, 0.0]))
+    torch.testing.assert_close(high, torch.tensor([2.0, 1.5, 1.0]))
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model[1](model[0](x)).flatten()
+        logit = model(x)[0, 1]
+    w1 = model[0].weight.detach().flatten(1).double().numpy()  # [4, 12], inputs in C, H, W order
+    w2, b2 = model[3].weight.detach().double().numpy(), model[3].bias.detach().double().numpy()
+    h = hidden.double().numpy()
+    r_hidden = dense("zero", h, w2, b2, np.array([0.0, float(logit)])) * (h > 0)
+    lo, hi = np.repeat(low.double().numpy(), 4), np.repeat(high.double().numpy(), 4)  # per input element
+    xs = x.flatten().double().numpy()
+    expected = np.zeros(12)
+    for j in range(4):
+        parts = xs * w1[j] - lo * np.clip(w1[j], 0, None) - hi * np.clip(w1[j], None, 0)
+        expected += parts / parts.sum() * r_hidden[j]
+    got = explain(
+        model, x, "lrp", target=1, reduce=None, composite={"0": "z_box", "3": "zero"}, low=low, high=high
+    )
+    np.testing.assert_allclose(got.flatten().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+    big = build("mnist_cnn")
+    xb, target = images(), torch.tensor([0, 1])
+
+    def zb(**bounds) -> torch.Tensor:
+        return explain(big, xb, "lrp", target, reduce=None, composite="epsilon_gamma_box", **bounds)
+
+    torch.testing.assert_close(zb(), zb(low=xb.amin(dim=(0, 2, 3)), high=xb.amax(dim=(0, 2, 3))))
+    assert not torch.allclose(zb(), zb(low=-5.0, high=5.0))  # so the bounds matter
+
+
 # ---- parity with Captum ----------------------------------------------------------------------------------
 
 
