@@ -354,6 +354,47 @@ def test_z_b_bounds_are_the_normalised_data_range():
     assert not torch.allclose(zb(), zb(low=-5.0, high=5.0))  # so the bounds matter
 
 
+def test_a_residual_addition_splits_relevance_in_proportion_to_its_terms():
+    """``s = conv_a(h) + h``: the relevance of ``s`` goes to the branch and the skip in proportion to their
+    values, ``R_a = a / s R_s`` and ``R_skip = h / s R_s``; with z+ on the branch (so the split matters for
+    the result) the input relevance equals the hand-computed one."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 3, 1)
+            self.conv_a = nn.Conv2d(3, 3, 1, bias=False)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv1(x))
+            return self.fc((self.conv_a(h) + h).flatten(1))
+
+    torch.manual_seed(5)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.conv1.bias.add_(2.0)  # every hidden unit on, so every division below is by a non-zero sum
+    x = torch.tensor(X, dtype=torch.float32).view(1, 4, 1, 1)
+    w1, b1 = (
+        model.conv1.weight.detach().double().flatten(1).numpy(),
+        model.conv1.bias.detach().double().numpy(),
+    )
+    wa = model.conv_a.weight.detach().double().flatten(1).numpy()
+    w2, b2 = model.fc.weight.detach().double().numpy(), model.fc.bias.detach().double().numpy()
+    z1 = w1 @ X + b1
+    h = np.maximum(z1, 0)
+    a = wa @ h
+    total = a + h
+    r_s = dense("zero", total, w2, b2, np.array([0.0, w2[1] @ total + b2[1]]))
+    r_h = h / total * r_s + dense("z_plus", h, wa, np.zeros(3), a / total * r_s)
+    expected = dense("zero", X, w1, b1, r_h * (z1 > 0))
+    composite = {"conv1": Zero(), "conv_a": ZPlus(stabilizer=0.0), "fc": Zero()}
+    got = explain(model, x, "lrp", target=1, reduce=None, composite=composite)
+    np.testing.assert_allclose(got.flatten().numpy(), expected, rtol=1e-4, atol=1e-6)
+    lrp_0 = explain(model, x, "lrp", target=1, reduce=None, composite={"conv": Zero(), "linear": Zero()})
+    assert not np.allclose(lrp_0.flatten().numpy(), expected, atol=1e-4)  # z+ on the branch changed it
+
+
 # ---- parity with Captum ----------------------------------------------------------------------------------
 
 
