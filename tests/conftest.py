@@ -1,4 +1,5 @@
-"""Shared fixtures: where the read-only copy of the real datasets lives, one thread, and the tests' one tiny CNN."""
+"""Shared fixtures (where the read-only copy of the real datasets lives, the bundled digits, one thread) and the
+tests' shared helpers (one tiny CNN, a calibrated zoo model, a training callback, the hooks left on a model)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
+
+from xailab.data import load_dataset
+from xailab.models import create_model
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +33,12 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared dataset folder {path} is absent (set XAILAB_DATA_DIR to a copy of it)")
     return path
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's bundled 8x8 digits at 28x28: a dataset that needs no download."""
+    return load_dataset("digits", image_size=28)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +79,45 @@ class TinyCNN(nn.Module):
         if self.explode:
             raise RuntimeError("exploded in forward")
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def calibrated_model(name: str, channels: int, size: int) -> nn.Module:
+    """A seeded zoo model whose BatchNorm statistics come from one batch of noise ``[16, C, size, size]``, so
+    that its logits differ by O(1) between inputs (an untrained model's barely move), in eval mode."""
+    torch.manual_seed(0)
+    model = create_model(name, channels, 10)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average: one batch gives exactly its statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, channels, size, size))
+    return model.eval()
+
+
+class StopAfter:
+    """A training callback that simulates a kill: raises once epoch ``n`` has been checkpointed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_epoch_end(self, row: dict) -> None:
+        if row["epoch"] == self.n:
+            raise KeyboardInterrupt
+
+
+def hooks_left(model: nn.Module) -> list[str]:
+    """Names of the modules that still carry a forward, forward-pre, backward or backward-pre hook, plus
+    any global module hook."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    left = [
+        f"{name or 'model'}.{kind}" for name, m in model.named_modules() for kind in kinds if getattr(m, kind)
+    ]
+    module = torch.nn.modules.module
+    global_kinds = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return left + [kind for kind in global_kinds if getattr(module, kind, None)]

@@ -12,10 +12,10 @@ import torch
 from sklearn.linear_model import LinearRegression
 from torch import Tensor, nn
 
+from conftest import calibrated_model
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain import perturbation as P
 from xailab.explain.base import explain
-from xailab.models import create_model
 
 captum_attr = pytest.importorskip("captum.attr")
 linear_models = pytest.importorskip("captum._utils.models.linear_model")
@@ -23,25 +23,16 @@ linear_models = pytest.importorskip("captum._utils.models.linear_model")
 ZOO = {"mnist_cnn": (1, 28), "simple_cnn": (3, 32)}
 
 
-def calibrated_model(name: str) -> tuple[nn.Module, Tensor]:
-    """A seeded zoo model with BatchNorm statistics from one batch of noise (so logits differ by O(1), an
-    untrained model's barely move), in eval mode, and two fixed random inputs for it."""
+def zoo_model(name: str) -> tuple[nn.Module, Tensor]:
+    """The calibrated zoo model ``name`` (conftest.py) and two fixed random inputs for it."""
     channels, size = ZOO[name]
-    torch.manual_seed(0)
-    model = create_model(name, channels, 10)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # cumulative average: one batch gives exactly its statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, channels, size, size))
     inputs = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
-    return model.eval(), inputs
+    return calibrated_model(name, channels, size), inputs
 
 
 @pytest.fixture(scope="module", params=list(ZOO))
 def zoo(request: pytest.FixtureRequest) -> tuple[nn.Module, Tensor]:
-    return calibrated_model(request.param)
+    return zoo_model(request.param)
 
 
 def replay(rows: Tensor):
@@ -208,14 +199,14 @@ def test_enumerated_coalitions_carry_the_shapley_kernel_weights() -> None:
 
 @pytest.mark.parametrize("name", ["DeepLift", "GuidedBackprop", "GuidedGradCam", "LayerGradCam"])
 def test_captum_methods_run_through_explain(name: str) -> None:
-    model, x = calibrated_model("mnist_cnn")
+    model, x = zoo_model("mnist_cnn")
     attribution = explain(model, x, f"captum:{name}", target=3)
     assert attribution.shape == (2, 1, 28, 28) and attribution.dtype == torch.float32
     assert torch.isfinite(attribution).all() and attribution.abs().max() > 0
 
 
 def test_captum_guided_grad_cam_uses_the_models_cam_layer() -> None:
-    model, x = calibrated_model("simple_cnn")
+    model, x = zoo_model("simple_cnn")
     ours = explain(model, x, "captum:GuidedGradCam", target=4, reduce=None)
     layer = model.get_submodule(model.cam_layer)
     torch.testing.assert_close(ours, captum_attr.GuidedGradCam(model, layer).attribute(x, target=4))
@@ -228,7 +219,7 @@ def test_captum_guided_grad_cam_uses_the_models_cam_layer() -> None:
 
 
 def test_captum_bridge_restores_the_models_state() -> None:
-    model, x = calibrated_model("mnist_cnn")
+    model, x = zoo_model("mnist_cnn")
     model.train()
     model.classifier.requires_grad_(False)
     explain(model, x, "captum:GuidedBackprop", target=0)
@@ -237,7 +228,7 @@ def test_captum_bridge_restores_the_models_state() -> None:
 
 
 def test_unknown_captum_name_suggests_the_closest() -> None:
-    model, x = calibrated_model("mnist_cnn")
+    model, x = zoo_model("mnist_cnn")
     with pytest.raises(UnknownNameError, match="Did you mean 'DeepLift'"):
         explain(model, x, "captum:DeepLfit")
     with pytest.raises(ConfigError, match="NoiseTunnel"):  # in captum.attr, but not built from a model
@@ -246,6 +237,6 @@ def test_unknown_captum_name_suggests_the_closest() -> None:
 
 def test_missing_captum_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "captum.attr", None)  # makes `import captum.attr` raise ImportError
-    model, x = calibrated_model("mnist_cnn")
+    model, x = zoo_model("mnist_cnn")
     with pytest.raises(ConfigError, match="pip install captum"):
         explain(model, x, "captum:DeepLift")

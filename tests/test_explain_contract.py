@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from conftest import TinyCNN as SharedTinyCNN
+from conftest import hooks_left
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain import applicable_methods, explain, list_methods
 from xailab.models import MODELS, create_model, list_models, model_input_size
@@ -62,23 +63,6 @@ def cases() -> list[tuple[str, str]]:
         for method in list_methods()
         if not is_large(model) or method in LARGE_METHODS
     ]
-
-
-def hooks_left(model: nn.Module) -> list[str]:
-    """Names of the modules that still carry a forward, forward-pre, backward or backward-pre hook, plus
-    any global module hook."""
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    left = [
-        f"{name or 'model'}.{kind}" for name, m in model.named_modules() for kind in kinds if getattr(m, kind)
-    ]
-    module = torch.nn.modules.module
-    global_kinds = (
-        "_global_forward_hooks",
-        "_global_forward_pre_hooks",
-        "_global_backward_hooks",
-        "_global_backward_pre_hooks",
-    )
-    return left + [kind for kind in global_kinds if getattr(module, kind, None)]
 
 
 def state(model: nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:

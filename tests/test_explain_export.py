@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from xailab import explain_run, load_dataset, train
+from xailab import explain_run, train
 from xailab.cli import main
 from xailab.explain import export
 from xailab.explain.export import explain_to_disk
@@ -28,27 +27,13 @@ def test_normalise_map_known_answers():
     assert normalise_map(torch.zeros(3, 3)).sum() == 0
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", image_size=28)
-
-
 def test_explain_to_disk_streams_parts_and_resumes(tmp_path, digits, monkeypatch):
     torch.manual_seed(0)
     model = create_model("mnist_cnn", in_channels=1, num_classes=10).eval()
     test = digits["test"]
-    out = explain_to_disk(
-        model,
-        test.images[:5],
-        digits.mean,
-        digits.std,
-        digits.class_names,
-        ["saliency", "gradcam"],
-        tmp_path / "x",
-        labels=test.labels[:5],
-        batch_size=2,
-        panels=3,
-    )
+    args = (model, test.images[:5], digits.mean, digits.std, digits.class_names, ["saliency", "gradcam"])
+    options = {"labels": test.labels[:5], "batch_size": 2, "panels": 3}
+    out = explain_to_disk(*args, tmp_path / "x", **options)
     parts = sorted((out / "attributions").glob("part-*.safetensors"))
     assert len(parts) == 3
     first = load_file(str(parts[0]))
@@ -68,18 +53,7 @@ def test_explain_to_disk_streams_parts_and_resumes(tmp_path, digits, monkeypatch
 
     monkeypatch.setattr(export, "explain", fail)
     (out / "index.csv").unlink()
-    explain_to_disk(
-        model,
-        test.images[:5],
-        digits.mean,
-        digits.std,
-        digits.class_names,
-        ["saliency", "gradcam"],
-        tmp_path / "x",
-        labels=test.labels[:5],
-        batch_size=2,
-        panels=3,
-    )
+    explain_to_disk(*args, tmp_path / "x", **options)
     assert list(csv.reader((out / "index.csv").open())) == rows
 
 

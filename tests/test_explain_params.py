@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import TinyCNN
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain import METHODS, applicable_methods, explain, resolve_method, validate_method_params
 from xailab.explain.base import CONTRACT_ARGS
@@ -18,20 +18,10 @@ from xailab.study import spec_from_dict
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-class TinyCNN(nn.Sequential):
-    """Two convolutions and a linear head on 3x8x8 inputs, 4 classes."""
-
-    cam_layer = "conv2"
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(4 * 8 * 8, 4)
+def tiny_cnn() -> TinyCNN:
+    """The tests' tiny CNN (conftest.py) for 3x8x8 inputs, 4 classes, from seed 0, in eval mode."""
+    torch.manual_seed(0)
+    return TinyCNN(3, 4).eval()
 
 
 # Values that keep each call cheap; every other declared parameter is passed explicitly at its default
@@ -51,9 +41,9 @@ def test_no_method_parameter_collides_with_the_contract():
         assert not (set(METHODS.get(name).params) & (CONTRACT_ARGS - {"method"})), name
 
 
-@pytest.mark.parametrize("method", applicable_methods(TinyCNN()))
+@pytest.mark.parametrize("method", applicable_methods(tiny_cnn()))
 def test_every_declared_parameter_reaches_the_method_through_explain(method):
-    model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model, x = tiny_cnn(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     spec = METHODS.get(method)
     params = {name: CHEAP.get(name, p.default) for name, p in spec.params.items()}
     maps = explain(model, x, method, 1, **params)  # a collision would be a TypeError
@@ -64,7 +54,7 @@ def test_every_declared_parameter_reaches_the_method_through_explain(method):
 
 
 def test_integration_rule_of_integrated_gradients_is_a_parameter_of_explain():
-    model, x = TinyCNN().eval(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    model, x = tiny_cnn(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([0, 3])
     left = explain(model, x, "integrated_gradients", target=target, method="riemann_left", n_steps=6)
     inner = integrated_gradients(model, x, target, method="riemann_left", n_steps=6).sum(1, keepdim=True)
@@ -110,7 +100,7 @@ def test_validate_method_params_coerces_text_and_names_bad_parameters():
     with pytest.raises(ConfigError, match="no parameter 'n_steps'"):
         validate_method_params("smoothgrad", {"n_steps": 4})  # its default base, saliency, has none
     with pytest.raises(ConfigError, match="no parameter 'n_step'"):
-        explain(TinyCNN(), torch.randn(1, 3, 8, 8), "integrated_gradients", n_step=4)
+        explain(tiny_cnn(), torch.randn(1, 3, 8, 8), "integrated_gradients", n_step=4)
 
 
 def test_captum_names_resolve_with_their_parameters():

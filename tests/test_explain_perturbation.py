@@ -10,10 +10,10 @@ from sklearn.linear_model import Ridge
 from torch import Tensor, nn
 
 from conftest import TinyCNN as SharedTinyCNN
+from conftest import calibrated_model
 from xailab.errors import ConfigError
 from xailab.explain import perturbation as P
 from xailab.explain.base import explain
-from xailab.models import create_model
 
 SEEDED = ("lime", "kernel_shap", "rise")
 FAST = {"lime": {"n_samples": 60}, "kernel_shap": {"n_samples": 60}, "rise": {"n_masks": 60}, "occlusion": {}}
@@ -29,20 +29,6 @@ class LinearModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(x.flatten(1))
-
-
-def calibrated_model(name: str, channels: int, size: int) -> nn.Module:
-    """A seeded zoo model whose BatchNorm statistics come from one batch of noise, so that its logits
-    differ by O(1) between inputs (an untrained model's barely move), in eval mode."""
-    torch.manual_seed(0)
-    model = create_model(name, channels, 10)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # cumulative average: one batch gives exactly its statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, channels, size, size))
-    return model.eval()
 
 
 def digit_image() -> Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchcam.methods import LeGrad
 
+from conftest import TinyCNN, hooks_left
 from xailab.errors import ConfigError
 from xailab.explain import METHODS, applicable_methods, explain, model_capabilities
 from xailab.explain.base import MethodSpec, check_applicable
@@ -34,11 +35,6 @@ def small_vit(**options) -> ViT:
 
 def images(batch: int = 2, size: int = 16, seed: int = 0) -> Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def hooks_left(model: nn.Module) -> list[str]:
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return [f"{name}.{kind}" for name, m in model.named_modules() for kind in kinds if getattr(m, kind)]
 
 
 class forced_attention:
@@ -319,22 +315,10 @@ def test_the_vit_declares_attention_and_tokens_and_no_convolution() -> None:
     assert set(TRANSFORMER_METHODS) | set(CAM_METHODS) | {"saliency", "integrated_gradients"} <= applicable
 
 
-class TinyCNN(nn.Module):
-    cam_layer = "conv"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
 @pytest.mark.parametrize("method", TRANSFORMER_METHODS)
 def test_a_transformer_method_asked_of_a_cnn_says_what_would_work(method: str) -> None:
     with pytest.raises(ConfigError) as error:
-        explain(TinyCNN(), images(), method)
+        explain(TinyCNN(3, NUM_CLASSES), images(), method)
     message = str(error.value)
     assert f"{method!r} needs a model with attention, tokens" in message
     assert "this model offers: conv" in message

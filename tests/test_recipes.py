@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import StopAfter
 from xailab.errors import ConfigError
 from xailab.train import TrainConfig, predict_logits, train
 from xailab.train.checkpoint import load_tensors
@@ -185,15 +186,6 @@ def test_predict_logits_with_flip_tta():
 # --------------------------------------------------------------------------------------------------------
 
 
-class _StopAfter:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, row: dict) -> None:
-        if row["epoch"] == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_ema_training_resumes_exactly(tmp_path, single_thread):
     config = TrainConfig.from_dict(
         {
@@ -211,7 +203,7 @@ def test_ema_training_resumes_exactly(tmp_path, single_thread):
     whole = train(config, out_dir=tmp_path, name="whole", progress=False)
     assert {row["weights"] for row in whole.history} <= {"raw", "ema"}
     with pytest.raises(KeyboardInterrupt):
-        train(config, out_dir=tmp_path, name="cut", progress=False, callbacks=[_StopAfter(1)])
+        train(config, out_dir=tmp_path, name="cut", progress=False, callbacks=[StopAfter(1)])
     assert any(
         k.startswith("extra.shadow.") for k in load_tensors(tmp_path / "cut" / "checkpoint.safetensors")
     )

@@ -8,15 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import StopAfter
 from xailab import TrainConfig, load_dataset, load_run, train
 from xailab.errors import CheckpointError, ConfigError, TrainingDiverged
 from xailab.train.loop import _epoch_order, autocast_dtype, config_hash
 from xailab.train.schedules import Plateau, lr_factor
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", image_size=28)
 
 
 def small(**kw) -> TrainConfig:
@@ -57,17 +53,6 @@ def test_best_weights_are_restored(tmp_path, digits):
     saved = load_file(str(run.path / "model.safetensors"))
     for k, v in run.model.state_dict().items():
         assert torch.equal(saved[k], v.contiguous()), k
-
-
-class StopAfter:
-    """Simulates a kill: raises once epoch ``n`` has been checkpointed."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_epoch_end(self, row: dict) -> None:
-        if row["epoch"] == self.n:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "onecycle"])

@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from conftest import StopAfter
 from xailab import TrainConfig, load_dataset, train
 from xailab.cli import main as cli_main
 from xailab.errors import ConfigError
@@ -55,17 +56,6 @@ def recipe() -> TrainConfig:
         precision="fp32",
         seed=0,
     )
-
-
-class StopAfter:
-    """Simulates a kill once epoch ``n`` has been checkpointed (on every rank alike)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def on_epoch_end(self, row: dict) -> None:
-        if row["epoch"] == self.n:
-            raise KeyboardInterrupt
 
 
 def _free_ports(n: int) -> list[int]:

@@ -18,11 +18,6 @@ from xailab.train.loop import is_better
 from xailab.train.runs import DatasetInfo, ModelInfo, RunMeta, SplitSizes, list_runs, read_run_meta
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", image_size=28)
-
-
 def small(**kw) -> TrainConfig:
     base = dict(
         model="mnist_cnn", dataset="digits", epochs=1, batch_size=64, precision="fp32", train_limit=128

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from test_models import vit_params
 from xailab.errors import ConfigError
 from xailab.explain import explain
 from xailab.metrics import evaluate_explanations
@@ -17,21 +18,6 @@ from xailab.models import count_macs, count_parameters, create_model, list_model
 from xailab.models.vit import ViT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def vit_params(c: int, k: int, width: int, depth: int, patch: int, image: int) -> int:
-    """Counted from the architecture: patch projection (c p p -> D), class token, 1 + N position embeddings,
-    per block 2 LayerNorms, qkv (D -> 3D), projection (D -> D), MLP (D -> 4D -> D); final LayerNorm; head."""
-    d = width
-    per_block = 2 * (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    return (
-        (c * patch * patch * d + d)
-        + d
-        + (1 + (image // patch) ** 2) * d
-        + depth * per_block
-        + 2 * d
-        + (d * k + k)
-    )
 
 
 def tiny(**options) -> ViT:
