@@ -136,8 +136,8 @@ def rule_for(
     if isinstance(module, nn.ReLU):
         return None  # the plain gradient of a ReLU is the pass rule
     category = next((c for c, types in CATEGORIES.items() if isinstance(module, types)), None)
-    keys = ", ".join(repr(k) for k in (category, kind.__name__) if k is not None)
+    names = ", ".join(repr(k) for k in (category, kind.__name__) if k is not None)
     raise ConfigError(
         f"the LRP composite has no rule for layer {path!r} of type {kind.__name__}; add a rule for "
-        f"{keys} or {path!r} to the composite"
+        f"{names} or {path!r} to the composite"
     )
