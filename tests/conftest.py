@@ -1,5 +1,6 @@
 """Shared fixtures (where the read-only copy of the real datasets lives, the bundled digits, one thread) and the
-tests' shared helpers (one tiny CNN, a calibrated zoo model, a training callback, the hooks left on a model)."""
+tests' shared helpers (a tiny CNN, a linear model, a calibrated zoo model, a training callback, the hooks left
+on a model)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,16 @@ def hooks_left(model: nn.Module) -> list[str]:
         "_global_backward_pre_hooks",
     )
     return left + [kind for kind in global_kinds if getattr(module, kind, None)]
+
+
+class LinearModel(nn.Module):
+    """Logits linear in the pixels, ``W flatten(x) + b`` for inputs of ``shape`` ``(C, H, W)``, weights from
+    ``seed``: every gradient and perturbation method has a closed-form answer."""
+
+    def __init__(self, shape: tuple[int, int, int], classes: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(shape[0] * shape[1] * shape[2], classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.flatten(1))

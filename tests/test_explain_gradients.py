@@ -9,6 +9,7 @@ from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Salien
 from scipy.ndimage import gaussian_filter
 from torch import Tensor, nn
 
+from conftest import LinearModel
 from xailab.errors import ConfigError
 from xailab.explain import explain
 from xailab.explain.batching import default_batch_size, gaussian_blur
@@ -50,17 +51,6 @@ def assert_parity(actual: Tensor, expected: Tensor, rtol: float = 1e-4) -> None:
     absolute tolerance would make the comparison vacuous."""
     assert expected.abs().max() > 0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
-
-
-class Linear(nn.Module):
-    """``logits = W flatten(x) + b``: every gradient method has a closed form."""
-
-    def __init__(self, shape: tuple[int, int, int], num_classes: int = 3) -> None:
-        super().__init__()
-        self.fc = nn.Linear(int(np.prod(shape)), num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x.flatten(1))
 
 
 class HalfSquare(nn.Module):
@@ -160,7 +150,7 @@ def test_smoothgrad_wraps_integrated_gradients():
 
 
 def test_saliency_of_a_linear_model_is_its_weight_row():
-    model = Linear((2, 4, 4)).eval()
+    model = LinearModel((2, 4, 4)).eval()
     inputs = torch.randn(2, 2, 4, 4)
     target = torch.tensor([2, 0])
     expected = model.fc.weight[target].detach().abs().view(2, 2, 4, 4)
@@ -169,7 +159,7 @@ def test_saliency_of_a_linear_model_is_its_weight_row():
 
 
 def test_input_x_gradient_of_a_linear_model():
-    model = Linear((2, 4, 4)).eval()
+    model = LinearModel((2, 4, 4)).eval()
     inputs = torch.randn(2, 2, 4, 4)
     target = torch.tensor([1, 1])
     weights = model.fc.weight[target].detach().view(2, 2, 4, 4)
@@ -179,7 +169,7 @@ def test_input_x_gradient_of_a_linear_model():
 @pytest.mark.parametrize("method", IG_METHODS)
 @pytest.mark.parametrize("baseline", ["zero", "mean", "blur", "tensor"])
 def test_integrated_gradients_of_a_linear_model_is_exact(method, baseline):
-    model = Linear((3, 5, 5)).eval()
+    model = LinearModel((3, 5, 5)).eval()
     inputs = torch.randn(2, 3, 5, 5)
     target = torch.tensor([0, 2])
     reference = {
@@ -284,7 +274,7 @@ def test_default_batch_size_scales_with_pixels_and_is_smaller_without_the_accele
     ],
 )
 def test_integrated_gradients_rejects_bad_params(params, message):
-    model = Linear((1, 2, 2))
+    model = LinearModel((1, 2, 2))
     with pytest.raises(ConfigError, match=message):
         integrated_gradients(model, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), **params)
 
@@ -292,7 +282,7 @@ def test_integrated_gradients_rejects_bad_params(params, message):
 def test_smoothgrad_rejects_an_unknown_base():
     with pytest.raises(ConfigError, match="unknown SmoothGrad base 'gradcam'"):
         smoothgrad(
-            Linear((1, 2, 2)), torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), base="gradcam"
+            LinearModel((1, 2, 2)), torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), base="gradcam"
         )
 
 

@@ -9,26 +9,14 @@ import torch
 from sklearn.linear_model import Ridge
 from torch import Tensor, nn
 
+from conftest import LinearModel, calibrated_model
 from conftest import TinyCNN as SharedTinyCNN
-from conftest import calibrated_model
 from xailab.errors import ConfigError
 from xailab.explain import perturbation as P
 from xailab.explain.base import explain
 
 SEEDED = ("lime", "kernel_shap", "rise")
 FAST = {"lime": {"n_samples": 60}, "kernel_shap": {"n_samples": 60}, "rise": {"n_masks": 60}, "occlusion": {}}
-
-
-class LinearModel(nn.Module):
-    """Logits linear in the pixels, ``W x + b``: every perturbation method has a closed-form answer."""
-
-    def __init__(self, shape: tuple[int, int, int], classes: int = 3, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc = nn.Linear(int(np.prod(shape)), classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x.flatten(1))
 
 
 def digit_image() -> Tensor:
