@@ -381,10 +381,39 @@ def test_the_exact_fp32_mode_gets_its_own_chunk_when_bf16_wins(cache):
     assert tuning.bf16_accurate and tuning.choices["forward"] == Config("bf16", False, 32)
     fp32_sweep = [c.batch for p, c in timer.calls if p == "forward" and c.precision == "fp32"]
     assert fp32_sweep == [2, 16, 32, 64, 128, 256, 512]  # past the peak at 128 by two sizes
-    assert autotune.chunk_size(model, x, grad=False) == 32  # the chosen (bf16) configuration's
     assert autotune.chunk_size(model, x, grad=False, precision="bf16") == 32
     assert autotune.chunk_size(model, x, grad=False, precision="fp32") == 128
     assert autotune.chunk_size(model, x, grad=True, precision="fp32") == 128  # cap 256 with gradients
+    assert autotune.chunk_size(model, x, grad=False) == 128  # the precision the model runs at: fp32 here
+
+
+def test_explanations_chunk_at_the_precision_they_run_at(cache):
+    """Integrated gradients' path points come in the chunk measured fastest at the explanation's precision:
+    fp32's (128) when exact, bf16's (32) in bf16 (``autocast_forward`` marks the model's forward)."""
+
+    class Recording(Tiny):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.sizes.append(x.shape[0])
+            return super().forward(x)
+
+    model, x = Recording(), torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model.sizes = []
+    tune(model, x.shape, passes=autotune.EXPLAIN_PASSES, timer=FakeTimer(split_peaks), sample=x)
+    from xailab.explain import explain
+
+    for precision, chunk in (("fp32", 128), ("bf16", 32), ("auto", 32)):
+        model.sizes.clear()
+        explain(model, x, "integrated_gradients", precision=precision, n_steps=32)  # 256 path points
+        assert max(model.sizes) == chunk, precision
+
+
+def test_a_precision_that_lost_early_takes_the_chosen_chunk_not_its_probe(cache):
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = Tiny()
+    tuning = tune(model, x.shape, passes=autotune.EXPLAIN_PASSES, timer=FakeTimer(avx2_like), sample=x)
+    assert [c.batch for c in tuning.timings["forward"] if c.precision == "bf16"] == [2]  # its probe only
+    assert autotune.chunk_size(model, x, grad=False, precision="bf16") == 64  # an explicit bf16: fp32's
+    assert tuning.chunk("forward", "fp32") == tuning.choices["forward"].batch == 64
 
 
 def test_the_target_class_is_chosen_in_fp32(cache):

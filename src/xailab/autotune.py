@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from xailab.data.base import default_cache_dir
-from xailab.device import autocast, bf16_is_fast, device_name, synchronize
+from xailab.device import autocast, bf16_is_fast, device_name, forward_dtype, synchronize
 from xailab.errors import ConfigError
 from xailab.io import read_json, write_json
 
@@ -241,6 +241,14 @@ class Tuning:
         if not matching:  # a setting no candidate had: keep it, with the chosen chunk
             return Config(precision or "fp32", bool(channels_last), self.choices[pass_name].batch)
         return choose(matching, allow_bf16=allow or not any(c.precision == "fp32" for c in matching))
+
+    def chunk(self, pass_name: Pass, precision: Precision) -> int:
+        """Images per call of ``pass_name`` at ``precision``: the fastest measured chunk where that
+        precision's chunk sizes were swept, else the chosen configuration's (a precision that lost at stage
+        0 or 1 was timed at one small batch only, which says nothing of its best chunk)."""
+        chosen = self.best(pass_name)
+        at = {c: s for c, s in self.timings[pass_name].items() if c.precision == precision}
+        return choose(at).batch if len(at) >= 2 else chosen.batch
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to the cache."""
@@ -759,12 +767,11 @@ def chunk_size(
     autotune: bool | None = None,
 ) -> int | None:
     """The measured fastest number of images per call for copies of ``inputs`` ``[B, C, H, W]`` through
-    ``model``, forward only (``grad=False``) or with the input's gradient: for the chosen configuration, or
-    (``precision`` given) the fastest measured at that precision; None with autotuning off (the caller
-    keeps its fixed rule)."""
+    ``model``, forward only (``grad=False``) or with the input's gradient, at ``precision`` (None: the one
+    ``model`` runs at now, bf16 inside ``xailab.explain.base.autocast_forward``, else fp32; see
+    ``Tuning.chunk``); None with autotuning off (the caller keeps its fixed rule)."""
     if not enabled(autotune):
         return None
-    tuning = _explain_tuning(model, inputs)
-    pass_name: Pass = "input_grad" if grad else "forward"
-    config = tuning.choices[pass_name] if precision is None else tuning.best(pass_name, precision)
-    return config.batch
+    if precision is None:
+        precision = "bf16" if forward_dtype(model) == torch.bfloat16 else "fp32"
+    return _explain_tuning(model, inputs).chunk("input_grad" if grad else "forward", precision)

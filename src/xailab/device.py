@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -60,6 +61,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+# The attribute ``xailab.explain.base.autocast_forward`` sets on the forward it swaps into a model: the dtype
+# the model runs at for the block, so a chunk size chosen inside it is the one measured at that precision.
+AUTOCAST_DTYPE = "xailab_autocast_dtype"
+
+
+def forward_dtype(model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype ``model``'s forward runs at now (inside ``autocast_forward``), or None (fp32)."""
+    return getattr(vars(model).get("forward"), AUTOCAST_DTYPE, None)
 
 
 def synchronize(device: torch.device) -> None:

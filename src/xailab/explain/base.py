@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from xailab.autotune import explain_precision
+from xailab.device import AUTOCAST_DTYPE
 from xailab.errors import ConfigError, did_you_mean
 from xailab.registry import Registry
 
@@ -294,6 +295,7 @@ def autocast_forward(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module
         with torch.autocast(device_type, dtype=dtype):
             return original(*args, **kwargs).float()
 
+    setattr(forward, AUTOCAST_DTYPE, dtype)  # chunk sizes chosen in the block: those measured at dtype
     model.forward = forward
     try:
         yield model
