@@ -19,14 +19,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from xailab.device import cpu_name
+from xailab.device import cpu_name, resolve_device
 from xailab.io import folder_lock, remove_orphans, write_json
 from xailab.registry import Registry
 from xailab.study.executors import EXECUTORS
 from xailab.study.runner import Cell, CellTask, cell_key, check_methods_apply, expand_cells, run_cell
 from xailab.study.spec import StudySpec, read_study, spec_from_dict
 from xailab.study.tracking import TRACKERS
-from xailab.train import resolve_device
 
 __all__ = [
     "EXECUTORS",

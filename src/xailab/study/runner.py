@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from xailab.data import Dataset, load_dataset
 from xailab.data.transforms import to_model_input
+from xailab.device import resolve_device
 from xailab.errors import CheckpointError, ConfigError, XailabError
 from xailab.explain.base import explain, model_capabilities, resolve_method
 from xailab.explain.figures import overlay, save_figure, to_rgb
@@ -45,7 +46,7 @@ from xailab.models import create_model, model_input_size, random_init_options, s
 from xailab.records import CELL_RECORD_VERSION, QUADRANTS, CellRecord, SkippedMethod, read_cell_record
 from xailab.report.assessment import sanity_overlay_figure
 from xailab.study.spec import StudySpec
-from xailab.train import Run, TrainConfig, load_run, predict_logits, resolve_device, train
+from xailab.train import Run, TrainConfig, load_run, predict_logits, train
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta
 

@@ -1,7 +1,7 @@
 """Training: ``train(config) -> Run``, evaluation metrics, safetensors checkpoints, run folders."""
 
 from xailab.train.config import TrainConfig
-from xailab.train.loop import predict_logits, resolve_device, train
+from xailab.train.loop import predict_logits, train
 from xailab.train.metrics import classification_metrics, roc_auc
 from xailab.train.runs import Run, list_runs, load_run
 
@@ -12,7 +12,6 @@ __all__ = [
     "list_runs",
     "load_run",
     "predict_logits",
-    "resolve_device",
     "roc_auc",
     "train",
 ]

@@ -9,14 +9,13 @@ A rule is a ``Rule`` or a rule name (``RULES``) built with the call's ``epsilon`
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from xailab.errors import ConfigError
+from xailab.errors import ConfigError, did_you_mean
 from xailab.explain.lrp.rules import (
     ACTIVATION_TYPES,
     CONV_TYPES,
@@ -98,8 +97,7 @@ def build_rule(rule: Rule | str, params: RuleParams) -> Rule:
     if isinstance(rule, Rule):
         return rule
     if rule not in RULES:
-        close = difflib.get_close_matches(str(rule), RULES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(rule), RULES, n=1, cutoff=0.6)  # difflib's default, as before
         raise ConfigError(f"unknown LRP rule {rule!r}.{hint} Valid: {', '.join(RULES)} or a Rule object")
     return RULES[rule](params)
 
@@ -108,8 +106,7 @@ def composite_map(composite: Composite) -> Mapping[Any, Rule | str]:
     """The key -> rule mapping of a named composite, or the user's mapping itself."""
     if isinstance(composite, str):
         if composite not in COMPOSITES:
-            close = difflib.get_close_matches(composite, COMPOSITES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(composite, COMPOSITES, n=1, cutoff=0.6)
             raise ConfigError(
                 f"unknown LRP composite {composite!r}.{hint} Valid: {', '.join(COMPOSITES)} or a mapping"
             )
