@@ -191,7 +191,11 @@ def test_numbers_are_parsed_strictly(value, tmp_path, capsys):
             "n_steps: int = 50 cannot take 'abc'",
         ),
         (["explain", "{run}", "--method-option", "noequals"], "expects [METHOD.]KEY=VALUE"),
-        (["assess", "{run}", "--n", "0"], "assess.n: 0 is out of range"),
+        (["assess", "{run}", "--n", "0"], "assess --n: 0 is out of range"),
+        (
+            ["assess", "{run}", "--metric-precision", "fast"],
+            "assess --metric-precision: 'fast' is not valid; choose one of 'fp32', 'bf16', 'auto'",
+        ),
         (["assess", "{run}", "--methods", "saliency", "--method-option", "gradcam.x=1"], "not among"),
     ],
 )
@@ -256,3 +260,84 @@ def test_mnist_error_names_the_real_download_option(tmp_path, capsys):
     assert main([*argv, "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "--dataset-option download=true" in err and "run with --download" not in err
+
+
+def test_a_bad_metric_precision_is_one_line_naming_the_flag_before_any_work(tiny_run, tmp_path, capsys):
+    assert main(["assess", str(tiny_run), "--metric-precision", "bf32", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "xailab: error: assess --metric-precision: 'bf32' is not valid; choose one of 'fp32', 'bf16', 'auto'"
+    )
+    assert not (tmp_path / "a").exists()
+
+
+def test_metric_precision_reaches_the_assessment_and_auto_without_autotuning_is_exact(
+    tiny_run, tmp_path, monkeypatch
+):
+    """``--metric-precision`` is the ``precision`` of ``xailab.metrics.assess``; with the autotuner off,
+    ``auto`` keeps fp32, so its numbers equal the default's."""
+    import xailab.api
+
+    seen: list[str] = []
+    real = xailab.api.assess
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xailab.api, "assess", spy)
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "0")
+    argv = [
+        "assess",
+        str(tiny_run),
+        "--n",
+        "4",
+        "--methods",
+        "saliency",
+        "--metrics",
+        "deletion_auc,sparseness",
+    ]
+    scores = {}
+    for flags in ([], ["--metric-precision", "auto"]):
+        out = tmp_path / (flags[-1] if flags else "default")
+        assert main([*argv, *flags, "--out", str(out)]) == 0
+        scores[out.name] = json.loads((out / "scores.json").read_text())["per_image"]
+    assert seen == ["fp32", "auto"]
+    assert scores["auto"] == scores["default"]
+    assert len(scores["auto"]["saliency"]["deletion_auc"]) == 4
+
+
+def test_lrp_z_box_bounds_of_an_assessment_are_the_datasets_unless_given(tiny_run, tmp_path, monkeypatch):
+    """An assessment of a run with a z-B composite bounds the input layer by the dataset's normalised data
+    range (``box_bounds(mean, std)``): its maps are those of an explicit call with those bounds; bounds the
+    user gives win."""
+    import xailab.api
+    from xailab.data.transforms import to_model_input
+    from xailab.explain.lrp import box_bounds
+
+    calls: list[tuple[dict, dict]] = []
+    real = xailab.api.assess
+
+    def spy(*args, **kwargs):
+        record = real(*args, **kwargs)
+        calls.append((kwargs["method_params"], dict(record.maps)))
+        return record
+
+    monkeypatch.setattr(xailab.api, "assess", spy)
+    run = api.load_run(tiny_run)
+    low, high = box_bounds(run.mean, run.std)
+    common = {"methods": ["lrp"], "metrics": ["sparseness"], "n": 3}
+    api.assess_run(
+        tiny_run, tmp_path / "a", method_params={"lrp": {"composite": "epsilon_gamma_box"}}, **common
+    )
+    params, maps = calls[-1]
+    assert params["lrp"]["low"] == pytest.approx(low.tolist()) and params["lrp"]["high"] == pytest.approx(
+        high.tolist()
+    )
+    images = load_dataset("digits", image_size=run.image_size)["test"].images[:3]
+    x = to_model_input(images, run.mean, run.std)
+    expected = api.explain(run.model, x, "lrp", composite="epsilon_gamma_box", low=low, high=high)
+    torch.testing.assert_close(maps["lrp"], expected, rtol=1e-5, atol=1e-7)
+    mine = {"composite": "epsilon_gamma_box", "low": -5.0, "high": 5.0}
+    api.assess_run(tiny_run, tmp_path / "b", method_params={"lrp": mine}, **common)
+    assert (calls[-1][0]["lrp"]["low"], calls[-1][0]["lrp"]["high"]) == (-5.0, 5.0)

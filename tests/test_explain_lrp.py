@@ -601,3 +601,27 @@ def test_probe_finds_every_input_layer_and_the_norms_it_can_merge():
     )
     found = probe(head.eval(), images(1))
     assert found.merges == [("4", "3", "before")]
+
+
+def test_composite_z_box_bounds_come_from_the_dataset_unless_given():
+    """``with_dataset_bounds`` fills lrp's ``low``/``high`` with ``box_bounds(mean, std)`` only for a composite
+    that uses z-B (named or a user mapping), only when lrp is chosen, and never over the user's bounds."""
+    from xailab.explain.lrp import ZBox, box_bounds
+    from xailab.explain.lrp.composites import uses_rule, with_dataset_bounds
+
+    mean, std = (0.5, 0.25), (0.5, 0.125)
+    low, high = (t.tolist() for t in box_bounds(mean, std))
+    assert low == [-1.0, -2.0] and high == [1.0, 6.0]
+    box = {"lrp": {"composite": "epsilon_gamma_box"}}
+    filled = with_dataset_bounds(box, ["lrp"], mean, std)["lrp"]
+    assert filled == {"composite": "epsilon_gamma_box", "low": (-1.0, -2.0), "high": (1.0, 6.0)}
+    assert box == {"lrp": {"composite": "epsilon_gamma_box"}}  # the caller's mapping is not changed
+    mine = with_dataset_bounds({"lrp": {"composite": "epsilon_gamma_box", "low": -3.0}}, ["lrp"], mean, std)
+    assert mine["lrp"]["low"] == -3.0 and mine["lrp"]["high"] == (1.0, 6.0)
+    assert with_dataset_bounds({}, ["lrp", "saliency"], mean, std) == {}  # default epsilon_plus_flat: no z-B
+    assert with_dataset_bounds(box, ["saliency"], mean, std) == box  # lrp not chosen
+    user = {"first": ZBox(low=0.0, high=1.0), "conv": "gamma", "linear": "epsilon"}
+    assert uses_rule(user, "z_box") and uses_rule({"first": "z_box"}, "z_box")
+    assert not uses_rule("epsilon_plus_flat", "z_box") and uses_rule("epsilon_plus_flat", "flat")
+    filled = with_dataset_bounds({"lrp": {"composite": user}}, ["lrp"], mean, std)["lrp"]
+    assert filled["low"] == (-1.0, -2.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from xailab.cli import main
 from xailab.errors import CheckpointError, ConfigError
 from xailab.io import read_json
 from xailab.models import create_model
-from xailab.study import STUDIES, expand_cells, list_studies, load_study, run_study, spec_from_dict
+from xailab.study import STUDIES, expand_cells, list_studies, load_study, run_study, runner, spec_from_dict
 from xailab.study.runner import CellTask, cell_key, run_cell
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -288,3 +290,33 @@ def test_cli_runs_a_study_file_and_records_the_command(tmp_path, capsys):
     assert capsys.readouterr().out.split() == list_studies()
     assert main(["run", "quik"]) == 2  # a typo: a clear one-line error, no traceback
     assert "Did you mean 'quick'" in capsys.readouterr().err
+
+
+def test_a_study_with_a_bad_metric_precision_is_refused_before_training(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(tiny(name="mp", metric_precision="fast")))
+    assert main(["run", str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "metric_precision: 'fast' is not valid; choose one of 'fp32', 'bf16', 'auto'" in err
+    assert str(study) in err and "\n" not in err
+    assert not (tmp_path / "out" / "mp").exists()  # nothing trained, no folder made
+
+
+def test_metric_precision_is_part_of_the_cell_key_but_the_default_keeps_old_keys():
+    """A record written before the key existed (fp32 then) stays valid; another precision redoes the
+    assessment (the training is reused: the recipe's hash does not change)."""
+    spec = spec_from_dict(tiny())
+    cell = expand_cells(spec)[0]
+    explain_part = {k: v for k, v in spec.to_dict().items() if k not in runner.CELL_DEFINING_KEYS}
+    del explain_part["metric_precision"]
+    old = {
+        "version": runner.CELL_KEY_VERSION,
+        "recipe": runner.config_hash(cell.config),
+        "epochs": cell.config.epochs,
+        "early_stopping": cell.config.early_stopping,
+        "explain": explain_part,
+    }
+    old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert cell_key(spec, cell) == old_key
+    auto = spec_from_dict(tiny(metric_precision="auto"))
+    assert auto.metric_precision == "auto" and cell_key(auto, expand_cells(auto)[0]) != old_key

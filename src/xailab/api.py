@@ -21,8 +21,10 @@ from xailab.explain import applicable_methods, explain, list_methods
 from xailab.explain.base import check_applicable, resolve_method, validate_method_params
 from xailab.explain.export import explain_to_disk
 from xailab.explain.figures import CMAP, normalise_map, overlay
+from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
 from xailab.metrics.assessment import assess
+from xailab.metrics.base import MetricPrecision
 from xailab.models import create_model, list_models, model_input_size, model_table, random_init_options
 from xailab.report.assessment import write_assessment
 from xailab.study import EXECUTORS, TRACKERS, list_studies, run_study
@@ -225,12 +227,15 @@ def explain_images(
 
     ``model``: the run's model by default; a server passes a private copy so that explanation hooks never
     touch the copy answering predictions. ``target``: class index (default: the predicted class).
-    ``params``: the method's parameters (``validate_method_params``); ``precision``: see ``explain``.
+    ``params``: the method's parameters (``validate_method_params``; LRP's z-B bounds default to the run's
+    normalised data range, ``with_dataset_bounds``); ``precision``: see ``explain``.
     """
     net = run.model if model is None else model
     device = next(net.parameters()).device
     x = to_model_input(images.to(device), run.mean, run.std)
-    return explain(net, x, method, target=target, **{"precision": precision, **(params or {})})
+    # LRP's z-B rule is bounded by the run's normalised data range unless params set the bounds
+    chosen = with_dataset_bounds({method: params or {}}, [method], run.mean, run.std)[method]
+    return explain(net, x, method, target=target, **{"precision": precision, **chosen})
 
 
 def _method_list(
@@ -267,11 +272,13 @@ def explain_run(
     (default: all), writing attributions, ``index.csv`` and figures to ``out_dir`` (see ``explain_to_disk``).
 
     ``method_params``: method -> its parameters (e.g. ``{"integrated_gradients": {"n_steps": 16,
-    "internal_batch_size": 64}}``), validated up front; ``precision``: see ``explain``."""
+    "internal_batch_size": 64}}``), validated up front (LRP's z-B bounds default to the run's normalised data
+    range, ``with_dataset_bounds``); ``precision``: see ``explain``."""
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
     run = _as_run(run)
     chosen, params = _method_list(methods, method_params, run.model)
+    params = with_dataset_bounds(params, chosen, run.mean, run.std)
     labels = None
     if image_files:
         images = read_images(image_files, run.image_size, run.channels)
@@ -308,18 +315,26 @@ def assess_run(
     seed: int = 0,
     device: str | torch.device = "cpu",
     method_params: Mapping[str, Mapping[str, Any]] | None = None,
+    metric_precision: MetricPrecision = "fp32",
     **metric_params: Any,
 ) -> dict[str, Any]:
     """Score the explanations of a run's predictions on the first ``n`` images of ``split`` by every method
     in ``methods`` (default: all, with ``method_params``: method -> its parameters) and metric in
     ``metrics`` (default: ``DEFAULT_METRICS`` plus the model-randomisation sanity check), by the one
     assessment engine (``xailab.metrics.assess``), writing its tables and figures to ``out_dir``
-    (``xailab.report.assessment``). ``metric_params`` go to the metrics that take them. Returns the
-    record's JSON form (what ``scores.json`` holds)."""
+    (``xailab.report.assessment``). ``metric_params`` go to the metrics that take them;
+    ``metric_precision``: of the metrics' forward passes of perturbed copies (``fp32`` exact, the default;
+    ``auto`` the fast mode: bf16 only where the autotuner measured it faster here; ``bf16``; see
+    ``xailab.metrics.base``). LRP's z-B bounds default to the run's normalised data range
+    (``with_dataset_bounds``). Returns the record's JSON form (what ``scores.json`` holds)."""
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
+    metric_precision = options(
+        AssessOptions, "assess_run", metric_precision=metric_precision
+    ).metric_precision
     run = _as_run(run, device=device)
     chosen, params = _method_list(methods, method_params, run.model)
+    params = with_dataset_bounds(params, chosen, run.mean, run.std)
     images = run_dataset(run, data_dir)[split].images[:n]
     inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
     record = assess(
@@ -333,6 +348,7 @@ def assess_run(
         metric_params=metric_params,
         batch_size=batch_size,
         seed=seed,
+        precision=metric_precision,
     )
     write_assessment(record, out_dir)
     return record.to_json()
@@ -351,6 +367,7 @@ def explain_untrained(
     ds = load_dataset("digits", image_size=model_input_size(model))
     net = create_model(model, in_channels=1, num_classes=ds.num_classes, **random_init_options(model))
     chosen, params = _method_list(methods, method_params, net)
+    params = with_dataset_bounds(params, chosen, ds.mean, ds.std)
     test = ds["test"]
     return explain_to_disk(
         net,
@@ -396,6 +413,12 @@ class AssessOptions:
     n: int = bounded(256, low=1, high=1_000_000, help="number of test images")
     batch_size: int = bounded(64, low=1, high=1 << 16, help="images explained per call")
     seed: int = bounded(0, low=0, high=2**63 - 1, help="seed of the random parts of the metrics")
+    # a Literal: the one validation layer refuses any other value, naming the valid ones
+    metric_precision: MetricPrecision = bounded(  # noqa: RUF009 (a str Literal is immutable)
+        "fp32",
+        help="precision of the metrics' forward passes of perturbed copies: fp32 (exact), bf16, or auto "
+        "(bf16 only where the autotuner measured it faster on this machine, else fp32)",
+    )
 
 
 @dataclass(frozen=True)

@@ -260,9 +260,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_options(cls: type[api.OptionsT], command: str, **values: object) -> api.OptionsT:
+    """``api.options`` for a command's flags: a bad value's error names the flag the user typed
+    (``assess --metric-precision: 'fast' is not valid; choose one of ...``), not the record's field."""
+    try:
+        return api.options(cls, command, **values)
+    except ConfigError as e:
+        message = str(e)
+        for name in values:
+            field = f"{command}.{name}:"
+            if message.startswith(field):
+                message = f"{command} --{name.replace('_', '-')}:{message[len(field) :]}"
+        raise ConfigError(message) from None
+
+
 def cmd_assess(args: argparse.Namespace) -> int:
     methods = _names(args.methods)
-    opts = api.options(api.AssessOptions, "assess", n=args.n, batch_size=args.batch_size, seed=args.seed)
+    opts = _flag_options(
+        api.AssessOptions,
+        "assess",
+        n=args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        metric_precision=args.metric_precision,
+    )
     params = _method_params(args, methods)
     report = api.assess_run(
         args.run,
@@ -275,6 +296,7 @@ def cmd_assess(args: argparse.Namespace) -> int:
         batch_size=opts.batch_size,
         seed=opts.seed,
         method_params=params,
+        metric_precision=opts.metric_precision,
     )
     rows = [
         {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items() if k != "model"}
@@ -455,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_strict_int, default=64, help="images explained per call (default: 64)"
     )
     p.add_argument("--seed", type=_strict_int, default=0)
+    p.add_argument(
+        "--metric-precision",
+        metavar="{fp32,bf16,auto}",
+        help="precision of the metrics' forward passes of perturbed copies (deletion, insertion, pixel "
+        "flipping, ...): fp32 exact (default); bf16 under bfloat16 autocast; auto: bf16 only where the "
+        "autotuner measured it faster for this model on this machine (xailab speed), else fp32. Targets "
+        "are always chosen in fp32",
+    )
     _add_method_option(p)
     p.add_argument("--data-dir")
     p.set_defaults(func=cmd_assess)

@@ -40,6 +40,7 @@ from xailab.device import resolve_device
 from xailab.errors import CheckpointError, ConfigError, XailabError
 from xailab.explain.base import explain, model_capabilities, resolve_method
 from xailab.explain.figures import overlay, save_figure, to_rgb
+from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.io import atomic_write, remove_orphans
 from xailab.metrics.assessment import Assessment, assess
 from xailab.models import create_model, model_input_size, random_init_options, size_options
@@ -124,6 +125,8 @@ def cell_key(spec: StudySpec, cell: Cell) -> str:
     """A short hash of what decides a cell's record: the recipe (with its epoch budget) and the explanation
     and metric settings. A record with the same key is reused as it is."""
     explain_part = {k: v for k, v in spec.to_dict().items() if k not in CELL_DEFINING_KEYS}
+    if explain_part.get("metric_precision") == "fp32":  # the default: records from before the key stay valid
+        del explain_part["metric_precision"]
     payload = {
         "version": CELL_KEY_VERSION,
         "recipe": config_hash(cell.config),
@@ -425,9 +428,13 @@ def assess_cell(
     """Explain the first ``spec.n_explain`` test images with every method that applies to the cell's model,
     score the maps with every metric, compare the methods, run the sanity check and draw the cell's tiles and
     figures; the cell's record. ``quadrants``: on a two-class dataset, also the galleries of true and false
-    positives and negatives."""
+    positives and negatives. LRP's z-B rule is bounded by the dataset's normalised data range unless the
+    study's ``method_params`` set the bounds (``with_dataset_bounds``)."""
     model = run.model.eval()
     plan = plan_methods(spec.methods, model_capabilities(model))
+    key = cell_key(spec, cell)  # of the study as written, before the dataset's defaults are filled in
+    bounded = with_dataset_bounds(spec.method_params, plan.applicable, dataset.mean, dataset.std)
+    spec = dataclasses.replace(spec, method_params=bounded)
     names = list(dataset.class_names)
     test = dataset["test"]
     pred = predict_test(run, dataset)
@@ -453,6 +460,7 @@ def assess_cell(
         sanity_seed=spec.seed + 42,
         n_examples=1,
         agreement=True,
+        precision=spec.metric_precision,
     )
     maps = dict(assessment.maps)
     tensors = {f"map.{m}": t.contiguous() for m, t in maps.items()}
@@ -474,7 +482,7 @@ def assess_cell(
     record: dict[str, Any] = {
         "version": CELL_RECORD_VERSION,
         "cell": cell.name,
-        "cell_key": cell_key(spec, cell),
+        "cell_key": key,
         "study": spec.name,
         "model": cell.model,
         "dataset": cell.dataset,

@@ -15,7 +15,7 @@ from xailab.config import folder_name, from_dict, read_config_file, to_dict
 from xailab.data.base import DATASETS
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
-from xailab.metrics.base import METRICS
+from xailab.metrics.base import METRICS, MetricPrecision
 from xailab.models.base import MODELS
 from xailab.train.config import TrainConfig
 
@@ -31,6 +31,8 @@ class StudySpec:
     ``{"cifar10": "../shared/datasets/cifar10-subset"}``. ``n_explain`` test images are explained with every method and assessed with every metric; the first
     ``n_gallery`` of them are shown in the report, with up to ``n_misclassified`` wrong predictions.
     ``sanity_method``: the method of the model-randomisation sanity check (empty string: no check).
+    ``metric_precision``: of the metrics' forward passes of perturbed copies: ``fp32`` (exact), ``bf16``, or
+    ``auto`` (bf16 only where the autotuner measured it faster here; see ``xailab.metrics.base``).
     """
 
     name: str
@@ -53,6 +55,7 @@ class StudySpec:
     sanity_method: str = ""
     sanity_images: int = 4
     seed: int = 0
+    metric_precision: MetricPrecision = "fp32"
     # how each cell runs (xailab.study.kinds): grid, or shortcut (planted marker + control)
     kind: str = "grid"
 

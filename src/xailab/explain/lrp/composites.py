@@ -9,7 +9,7 @@ A rule is a ``Rule`` or a rule name (``RULES``) built with the call's ``epsilon`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +138,36 @@ def rule_for(
         f"the LRP composite has no rule for layer {path!r} of type {kind.__name__}; add a rule for "
         f"{names} or {path!r} to the composite"
     )
+
+
+def uses_rule(composite: Composite, rule: str) -> bool:
+    """Whether ``composite`` (a name of ``COMPOSITES`` or a mapping) gives some layer the rule named ``rule``
+    (by name, or as a ``Rule`` of the class that name builds): e.g. whether it needs z-B bounds."""
+    mapping = composite_map(composite)
+    kind = type(RULES[rule](RuleParams()))
+    return any(r == rule if isinstance(r, str) else type(r) is kind for r in mapping.values())
+
+
+def with_dataset_bounds(
+    method_params: Mapping[str, Mapping[str, Any]],
+    methods: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, dict[str, Any]]:
+    """``method_params`` with the z-B bounds of the dataset (``box_bounds(mean, std)``: the normalised range
+    of images in [0, 1]) given to ``lrp`` wherever it is among ``methods`` and its composite uses ``z_box``,
+    unless the user set ``low`` / ``high`` (explicit settings win). Without them the rule would take the
+    batch's own minimum and maximum, which depend on the images explained together."""
+    from xailab.explain.base import resolve_method  # lazy: the lrp package imports this module
+    from xailab.explain.lrp import box_bounds
+
+    out = {m: dict(p) for m, p in method_params.items()}
+    if "lrp" not in methods:
+        return out
+    params = out.setdefault("lrp", {})
+    composite = params.get("composite", resolve_method("lrp").params["composite"].default)
+    if uses_rule(composite, "z_box"):
+        low, high = box_bounds(tuple(mean), tuple(std))
+        params.setdefault("low", tuple(low.tolist()))
+        params.setdefault("high", tuple(high.tolist()))
+    return {m: p for m, p in out.items() if p or m in method_params}
