@@ -366,3 +366,45 @@ def test_focus_scores_every_method_on_mosaics_and_skips_a_fixed_size_model():
     assert all(s["n"] == 6 and 0 <= s["mean"] <= 1 for s in found.values())
     fixed = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # takes 8x8 images only
     assert focus_scores(spec, fixed, ds.mean, ds.std, test.images, test.labels) is None
+
+
+def test_a_shortcut_cell_explains_only_the_methods_of_its_model_and_the_trust_table_says_why(
+    tmp_path, monkeypatch
+):
+    """A method that needs what the cell's model lacks (attention_rollout on a CNN) is skipped in the
+    shortcut section as in the usual assessment, and reads "n/a — needs ..." in "Which explanation to
+    trust"; the study's ``metric_precision`` reaches the assessment."""
+    import xailab.study.runner
+    from xailab.report.shortcut import trust_table
+    from xailab.study import expand_cells, spec_from_dict
+    from xailab.study.runner import CellTask
+    from xailab.study.shortcut import run_shortcut_cell
+
+    precisions: list[str] = []
+    real = xailab.study.runner.assess
+
+    def spy(*args, **kwargs):
+        precisions.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xailab.study.runner, "assess", spy)
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "0")
+    spec = spec_from_dict(
+        tiny_shortcut_spec(
+            methods=["saliency", "attention_rollout"], sanity_method="saliency", metric_precision="auto"
+        )
+    )
+    (cell,) = expand_cells(spec)
+    record = run_shortcut_cell(CellTask(spec, cell, str(tmp_path), False))
+    assert precisions == ["auto"]
+    assert record["explain"]["methods"] == ["saliency"]
+    assert record["skipped_methods"]["attention_rollout"]["needs"] == ["attention", "tokens"]
+    section = record["shortcut"]
+    for model in ("shortcut", "control"):
+        assert list(section["localisation"][model]) == ["saliency"]
+        assert set(section["gallery"][model][0]["maps"]) == {"saliency"}
+    assert list(section["difference"]) == ["saliency"]
+    (table,) = trust_table([record], spec.metrics, record["metric_info"], 0.5)["cells"]
+    rows = {row["method"]: row for row in table["rows"]}
+    assert rows["saliency"]["na"] is None and rows["saliency"]["localisation"]
+    assert rows["attention_rollout"]["na"] == "n/a — needs attention, tokens"

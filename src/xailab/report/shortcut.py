@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from xailab.records import SkippedMethod
 from xailab.report import charts
 
 Record = dict[str, Any]
@@ -67,7 +68,9 @@ def trust_table(
 ) -> dict[str, Any]:
     """The summary "which explanation to trust": per cell, one row per method with the sanity verdict, the
     quality scores (the study's metrics with a direction, the sanity metric aside) and the localisation
-    scores of the shortcut model where the cell has ground truth; the best method per column flagged."""
+    scores of the shortcut model where the cell has ground truth; the best method per column flagged. A
+    study method skipped on the cell's model gets a row whose ``na`` says what it needs (``n/a — needs
+    conv``); the other rows' ``na`` is None."""
     quality_cols = [
         m for m in metrics if m != SANITY_METRIC and info.get(m, {}).get("better") in ("higher", "lower")
     ]
@@ -98,7 +101,15 @@ def trust_table(
                         m: {"text": score_text((local.get(method) or {}).get(m)), "best": best[m] == method}
                         for m in local_cols
                     },
+                    "na": None,
                 }
+            )
+        for method, skipped in (rec.get("skipped_methods") or {}).items():
+            reason = SkippedMethod(
+                needs=tuple(skipped["needs"]), offers=tuple(skipped.get("offers", ()))
+            ).reason
+            rows.append(
+                {"method": method, "sanity": None, "quality": {}, "localisation": {}, "na": f"n/a — {reason}"}
             )
         cells.append(
             {

@@ -7,7 +7,8 @@ options at strength 0, in ``<cell>/control/``). Then it
 - measures how much each model relies on the marker: test accuracy with the marker on every image of the
   marked classes (``present``), on none (``removed``) and on every image of the other classes only
   (``moved``), and how often a moved marker pulls a prediction to a marked class;
-- explains the first ``n_explain`` marked test images with every method, for both models, for the marked
+- explains the first ``n_explain`` marked test images with every method that applies to the cell's model
+  (the others are recorded as skipped, with what they need), for both models, for the marked
   (true) class, and scores each map by every localisation metric against the marker's exact mask;
 - compares the two models' maps of the same images: the change of relevance mass on the marker, and their
   rank correlation;
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from xailab.data.shortcut import MarkedImageSet, ShortcutConfig, class_indices, plant_where
 from xailab.data.transforms import to_model_input
 from xailab.errors import ConfigError, XailabError
+from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.metrics import METRICS, evaluate_explanations, spearman, summarise
 from xailab.metrics.base import chunked_explain, method_explainer
 from xailab.metrics.localisation import LOCALISATION_METRICS, focus, mosaics
@@ -128,7 +130,16 @@ def run_shortcut_cell(task: CellTask) -> dict[str, Any]:
     # The usual assessment, on the marked test images only, so galleries and quality tables show them.
     on_marked = dataclasses.replace(dataset, splits={**dataset.splits, "test": marked})
     assessed = assess_cell(spec, cell, run, on_marked, cell_dir)
-    section = shortcut_section(spec, config, classes, run, control_run, variants, marked, cell_dir)
+    # Only the methods that apply to the cell's model (both models share its architecture): the plan
+    # assess_cell made, whose skipped methods its record lists with what they need. LRP's z-B bounds: the
+    # dataset's normalised range unless the study sets them, as in assess_cell.
+    methods = list(assessed["explain"]["methods"])
+    applied = dataclasses.replace(
+        spec,
+        methods=methods,
+        method_params=with_dataset_bounds(spec.method_params, methods, run.mean, run.std),
+    )
+    section = shortcut_section(applied, config, classes, run, control_run, variants, marked, cell_dir)
     section["control_test"] = control_run.metrics.get("test", {})
     data = {**assessed, "cell_key": key, "shortcut": section}
     record = CellRecord.from_dict(data, where=f"{cell.name}:")
@@ -229,7 +240,7 @@ def shortcut_section(
     cell_dir: Path,
 ) -> dict[str, Any]:
     """Reliance, localisation, map differences and side-by-side galleries of one cell: the ``shortcut`` part
-    of its record."""
+    of its record, for ``spec.methods`` (the caller keeps those that apply to the cell's model)."""
     models = {"shortcut": run, "control": control_run}
     targets = marked.labels
     h, w = marked.images.shape[1:3]
