@@ -90,3 +90,30 @@ def test_the_engine_returns_data_and_the_report_draws_it(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="version"):
         Assessment.from_json({**record.to_json(), "version": 99})
+
+
+def test_legends_name_the_parameters_the_user_set():
+    """Two assessments of lrp under two composites must not both read "lrp" in the sanity figure."""
+    from xailab.report.assessment import curves_figure, sanity_figure
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 64, 3)
+    ).eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    record = assess(
+        model, x, None, ["lrp", "saliency"], ["deletion_auc", "model_randomisation"], n_examples=1,
+        method_params={"lrp": {"composite": "epsilon"}}, metric_params={"n_steps": 4},
+    )  # fmt: skip
+    assert record.method_labels == {"lrp": "lrp (composite=epsilon)", "saliency": "saliency"}
+    assert (
+        Assessment.from_json(json.loads(json.dumps(record.to_json()))).method_labels == record.method_labels
+    )
+    old = {k: v for k, v in record.to_json().items() if k != "method_labels"}  # records written before labels
+    assert Assessment.from_json(old).method_labels == {}
+    for figure in (
+        sanity_figure(record.sanity, record.method_labels),
+        curves_figure(record.curves, record.method_labels),
+    ):
+        texts = {t.get_text() for t in figure.axes[0].get_legend().get_texts()}
+        assert texts == {"lrp (composite=epsilon)", "saliency"}

@@ -117,6 +117,7 @@ class Assessment:
     seconds_per_image: dict[str, float]
     seed: int
     version: int = ASSESSMENT_VERSION
+    method_labels: dict[str, str] = field(default_factory=dict)
     maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
     sanity_maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
@@ -146,6 +147,15 @@ class Assessment:
             )
         fields = {("sanity" if k == "sanity_check" else k): v for k, v in data.items()}
         return from_dict(cls, fields, where="assessment record")
+
+
+def method_label(method: str, params: Mapping[str, Any]) -> str:
+    """``method`` with the parameters the user set, for legends: ``lrp (composite=epsilon)`` (an assessment
+    of one method under two settings must not read as one curve twice)."""
+    if not params:
+        return method
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if isinstance(v, (str, int, float, bool)))
+    return f"{method} ({shown})" if shown else method
 
 
 def first_sentence(fn: Any) -> str:
@@ -282,6 +292,7 @@ def assess(
         },
         seconds_per_image=seconds,
         seed=seed,
+        method_labels={m: method_label(m, method_params.get(m, {})) for m in methods},
         maps=maps,
         sanity_maps=sanity_maps,
     )

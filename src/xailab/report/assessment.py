@@ -112,9 +112,9 @@ def write_assessment(record: Assessment, out_dir: str | Path) -> Path:
     write_json(out / "scores.json", record.to_json())
     write_text(out / "per_image.csv", per_image_csv(record))
     if any(record.curves.values()):
-        save(curves_figure(record.curves), out / "deletion_insertion.png", dpi=DPI)
+        save(curves_figure(record.curves, record.method_labels), out / "deletion_insertion.png", dpi=DPI)
     if record.sanity:
-        save(sanity_figure(record.sanity), out / "sanity_check.png", dpi=DPI)
+        save(sanity_figure(record.sanity, record.method_labels), out / "sanity_check.png", dpi=DPI)
         for method, maps in record.sanity_maps.items():
             if maps.shape[1] > 0:
                 figure = sanity_maps_figure(method, maps, record.sanity[method].layers)
@@ -124,8 +124,12 @@ def write_assessment(record: Assessment, out_dir: str | Path) -> Path:
     return out
 
 
-def curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
-    """Mean deletion and insertion curves of every method (target probability vs fraction of pixels)."""
+def curves_figure(
+    curves: Mapping[str, Mapping[str, Sequence[float]]], labels: Mapping[str, str] | None = None
+) -> Figure:
+    """Mean deletion and insertion curves of every method (target probability vs fraction of pixels);
+    ``labels``: method -> its legend text (default the method's name)."""
+    labels = labels or {}
     modes = [m for m in ("deletion", "insertion") if any(m in c for c in curves.values())]
     fig = Figure(figsize=(5.0 * max(1, len(modes)), 3.6))
     axes = fig.subplots(1, max(1, len(modes)), squeeze=False)[0]
@@ -133,7 +137,7 @@ def curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure
         for method, by_mode in curves.items():
             if mode in by_mode:
                 y = np.asarray(by_mode[mode])
-                ax.plot(np.linspace(0, 1, len(y)), y, label=method)
+                ax.plot(np.linspace(0, 1, len(y)), y, label=labels.get(method, method))
         ax.set_xlabel(f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'}")
         ax.set_ylabel("target score")
         ax.set_title(f"{mode} (mean over images)", fontsize=10)
@@ -142,15 +146,17 @@ def curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure
     return fig
 
 
-def sanity_figure(sanity: Mapping[str, SanityCurves]) -> Figure:
-    """Mean Spearman and SSIM between original and randomised maps after each layer, per method."""
+def sanity_figure(sanity: Mapping[str, SanityCurves], labels: Mapping[str, str] | None = None) -> Figure:
+    """Mean Spearman and SSIM between original and randomised maps after each layer, per method;
+    ``labels``: method -> its legend text (default the method's name)."""
+    labels = labels or {}
     fig = Figure(figsize=(11.0, 4.0))
     axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("mean_spearman", "mean_ssim"), strict=True):
         lowest = -0.2
         for method, curves in sanity.items():
             values = [1.0, *getattr(curves, key)]
-            ax.plot(range(len(values)), values, marker="o", label=method)
+            ax.plot(range(len(values)), values, marker="o", label=labels.get(method, method))
             lowest = min(lowest, min(values) - 0.05)
         names = ["original", *next(iter(sanity.values())).layers]
         step = -(-len(names) // 24)  # deep models (resnet18: 41 layers) get every k-th name, readable
