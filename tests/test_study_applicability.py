@@ -205,3 +205,35 @@ def test_quadrants_are_validated():
     with pytest.raises(ConfigError, match="confidence"):
         bad = {**quadrants, "galleries": {**quadrants["galleries"], "TP": [{**tile, "confidence": 1.5}]}}
         CellRecord.from_dict(minimal_record(quadrants=bad))
+
+
+def test_sanity_method_all_checks_every_method_that_applies_per_architecture(tmp_path):
+    """``sanity_method: all``: each cell runs the cascade for every method that applies to its model; the report
+    has one verdict per cell and method (the figure on the misclassification method's row) and the trust table
+    reads them instead of "not checked"."""
+    spec = spec_from_dict(cnn_and_vit(sanity_method="all"))
+    study_dir = run_study(spec, out=tmp_path, progress=False).parent
+    cnn = read_json(study_dir / CNN / "record.json")
+    vit = read_json(study_dir / VIT / "record.json")
+    assert set(cnn["sanity_by_method"]) == {"saliency", "lrp"}
+    assert set(vit["sanity_by_method"]) == {"saliency", "attention_rollout"}
+    assert vit["sanity"]["method"] == "attention_rollout"  # the misclassification method draws the figure
+    assert cnn["sanity"]["method"] == "saliency"  # ... where it applies; else the first method
+    for record in (cnn, vit):
+        for method, curves in record["sanity_by_method"].items():
+            assert curves["method"] == method and curves["images"] == 2
+            assert len(curves["mean_spearman"]) == len(curves["layers"]) > 0
+    html = (study_dir / "report.html").read_text()
+    sanity = html[html.index('<section id="sanity">') : html.index('<section id="trust">')]
+    for cell, methods in ((CNN, ("saliency", "lrp")), (VIT, ("saliency", "attention_rollout"))):
+        for method in methods:
+            assert f'<td>{cell}</td><td>{method}</td><td class="num">' in sanity
+    assert sanity.count('alt="randomisation cascade of') == 2  # one figure per cell
+    trust = html[html.index('<section id="trust">') :]
+    assert "not checked" not in trust[: trust.index("</section>")]
+
+
+def test_sanity_method_all_is_valid_and_a_typo_names_it():
+    assert spec_from_dict(cnn_and_vit(sanity_method="all")).sanity_method == "all"
+    with pytest.raises(ConfigError, match=r"sanity_method 'al' is not one of the study's methods.*or 'all'"):
+        spec_from_dict(cnn_and_vit(sanity_method="al"))

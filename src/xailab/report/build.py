@@ -190,30 +190,34 @@ def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> 
 
 
 def sanity_rows(records: Sequence[Record], method: str = "") -> list[dict[str, Any]]:
-    """Per cell: the sanity method, Spearman after the first and after all layers, and a verdict; a cell
-    whose model the study's sanity ``method`` does not apply to gets a row whose ``na`` says what it needs."""
+    """Per cell and checked method: Spearman after the first and after all layers, and a verdict (the cell's
+    figure on the row of the method it draws; with ``sanity_method: all`` one row per method that applies,
+    ``sanity_by_method``); a cell whose model the study's sanity ``method`` does not apply to gets a row whose
+    ``na`` says what it needs."""
     rows: list[dict[str, Any]] = []
     for rec in records:
         s = rec.section("sanity")
-        na = not_applicable(rec, method) if method else None
+        na = not_applicable(rec, method) if method and method != "all" else None
         if na is not None:
             rows.append({"cell": rec.cell, "method": method, "na": na})
         if not s:
             continue
-        final = s["mean_spearman"][-1]
-        rows.append(
-            {
-                "cell": rec.cell,
-                "method": s["method"],
-                "layers": len(s["layers"]),
-                "first": s["mean_spearman"][0],
-                "final": final,
-                "final_ssim": s["mean_ssim"][-1],
-                "passes": final is not None and not math.isnan(final) and abs(final) < SANITY_THRESHOLD,
-                "figure": f"{rec.cell}/{s['figure']}",
-                "na": None,
-            }
-        )
+        by_method = rec.section("sanity_by_method") or {s["method"]: s}
+        for name, curves in by_method.items():
+            final = curves["mean_spearman"][-1]
+            rows.append(
+                {
+                    "cell": rec.cell,
+                    "method": name,
+                    "layers": len(curves["layers"]),
+                    "first": curves["mean_spearman"][0],
+                    "final": final,
+                    "final_ssim": curves["mean_ssim"][-1],
+                    "passes": final is not None and not math.isnan(final) and abs(final) < SANITY_THRESHOLD,
+                    "figure": f"{rec.cell}/{s['figure']}" if name == s["method"] else None,
+                    "na": None,
+                }
+            )
     return rows
 
 

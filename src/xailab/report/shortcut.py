@@ -55,7 +55,7 @@ def sanity_verdict(rec: Record, method: str, threshold: float) -> dict[str, Any]
     score = (quality.get(method) or {}).get(SANITY_METRIC)
     if score and score.get("mean") is not None and not math.isnan(score["mean"]):
         return {"passes": abs(score["mean"]) < threshold, "text": f"{score['mean']:.2f} (mean over layers)"}
-    sanity = rec.get("sanity") or {}
+    sanity = (rec.get("sanity_by_method") or {}).get(method) or rec.get("sanity") or {}
     if sanity.get("method") == method and sanity.get("mean_spearman"):
         final = sanity["mean_spearman"][-1]
         if final is not None and not math.isnan(final):

@@ -46,7 +46,7 @@ from xailab.metrics.assessment import Assessment, assess
 from xailab.models import create_model, model_input_size, random_init_options, size_options
 from xailab.records import CELL_RECORD_VERSION, QUADRANTS, CellRecord, SkippedMethod, read_cell_record
 from xailab.report.assessment import sanity_overlay_figure
-from xailab.study.spec import StudySpec
+from xailab.study.spec import ALL_METHODS, StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, train
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta
@@ -444,7 +444,7 @@ def assess_cell(
     images = test.images[:n]
     device = next(model.parameters()).device
     x = to_model_input(images.to(device), dataset.mean, dataset.std).contiguous()
-    sanity_method = spec.sanity_method if spec.sanity_method in plan.applicable else ""
+    sanity_methods = sanity_plan(spec.sanity_method, plan.applicable, spec.misclassification_method)
     assessment = assess(
         model,
         x,
@@ -455,7 +455,7 @@ def assess_cell(
         method_params=spec.method_params,
         metric_params=spec.metric_params,
         seed=spec.seed,
-        sanity_methods=[sanity_method] if sanity_method else [],
+        sanity_methods=sanity_methods,
         sanity_images=spec.sanity_images,
         sanity_seed=spec.seed + 42,
         n_examples=1,
@@ -516,7 +516,11 @@ def assess_cell(
     record["quality"] = assessment.quality()
     record["metric_info"] = {m: vars(i) for m, i in assessment.metric_info.items()}
     record["agreement"] = assessment.to_json()["agreement"]
-    record["sanity"] = _sanity_figure(assessment, sanity_method, images[0], cell_dir)
+    record["sanity"] = _sanity_figure(
+        assessment, sanity_methods[0] if sanity_methods else "", images[0], cell_dir
+    )
+    if len(sanity_methods) > 1:  # ``sanity_method: all``: every checked method's curves, for the verdicts
+        record["sanity_by_method"] = assessment.to_json()["sanity_check"]
     return record
 
 
@@ -593,6 +597,15 @@ def quadrant_galleries(
         "counts": {q: int(found[q].numel()) for q in QUADRANTS},
         "galleries": galleries,
     }
+
+
+def sanity_plan(sanity_method: str, applicable: Sequence[str], preferred: str = "") -> list[str]:
+    """The methods a cell's sanity check runs: none (``""``), ``sanity_method`` when it applies to the cell's
+    model, or with ``all`` every ``applicable`` method — ``preferred`` (the misclassification method) first,
+    as the one whose figure the cell draws."""
+    if sanity_method == ALL_METHODS:
+        return sorted(applicable, key=lambda m: m != preferred)
+    return [sanity_method] if sanity_method in applicable else []
 
 
 def _sanity_figure(

@@ -19,6 +19,8 @@ from xailab.metrics.base import METRICS, MetricPrecision
 from xailab.models.base import MODELS
 from xailab.train.config import TrainConfig
 
+ALL_METHODS = "all"  # ``sanity_method: all``: check every method that applies to the cell's model
+
 
 @dataclass(frozen=True)
 class StudySpec:
@@ -30,7 +32,9 @@ class StudySpec:
     ``dataset_roots``: read a dataset from this folder instead of the data dir, e.g.
     ``{"cifar10": "../shared/datasets/cifar10-subset"}``. ``n_explain`` test images are explained with every method and assessed with every metric; the first
     ``n_gallery`` of them are shown in the report, with up to ``n_misclassified`` wrong predictions.
-    ``sanity_method``: the method of the model-randomisation sanity check (empty string: no check).
+    ``sanity_method``: the method of the model-randomisation sanity check (empty string: no check; ``all``:
+    every method that applies to the cell's model, on the same ``sanity_images`` images — the answer to
+    "which methods pass on which architecture").
     ``metric_precision``: of the metrics' forward passes of perturbed copies: ``fp32`` (exact), ``bf16``, or
     ``auto`` (bf16 only where the autotuner measured it faster here; see ``xailab.metrics.base``).
     """
@@ -145,9 +149,10 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
         validate_shortcut(spec, where)
     for key in ("misclassification_method", "sanity_method"):
         value = getattr(spec, key)
-        if value and value not in methods:
+        if value and value not in methods and not (key == "sanity_method" and value == ALL_METHODS):
+            extra = f" or {ALL_METHODS!r}" if key == "sanity_method" else ""
             raise ConfigError(
-                f"{where}: {key} {value!r} is not one of the study's methods: {', '.join(methods)}"
+                f"{where}: {key} {value!r} is not one of the study's methods: {', '.join(methods)}{extra}"
             )
     return dataclasses.replace(
         spec, datasets=datasets, models=models, methods=methods, metrics=metrics, method_params=method_params
