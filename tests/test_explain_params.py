@@ -134,3 +134,49 @@ def test_precision_is_an_option_of_every_method():
     assert validate_method_params("gradcam", {"precision": "bf16"}) == {"precision": "bf16"}
     with pytest.raises(ConfigError, match="precision"):
         validate_method_params("gradcam", {"precision": "fp16"})
+
+
+def test_every_numeric_parameter_of_every_method_is_bounded():
+    """No int / float parameter reaches a method unbounded: each one a method declares has a range in
+    ``PARAM_BOUNDS`` (a new method's new parameter must add one)."""
+    from xailab.explain.base import PARAM_BOUNDS
+
+    for name in METHODS.names():
+        for param in resolve_method(name).params.values():
+            members = param.members()
+            if any(m in (int, float) for m in members):
+                assert param.bounds is not None and param.bounds == PARAM_BOUNDS[param.name], (name, param)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("integrated_gradients", {"n_steps": 0}, r"n_steps=0 is out of range; valid: in \[1, 1000000\]"),
+        ("integrated_gradients", {"n_steps": "-3"}, r"n_steps='-3' is out of range"),
+        ("lime", {"n_samples": 10**9}, r"'lime': parameter n_samples=1000000000 is out of range"),
+        ("rise", {"p": 0.0}, r"p=0.0 is out of range; valid: in \(0, 1\]"),
+        ("attention_rollout", {"discard_ratio": 1}, r"discard_ratio=1 is out of range; valid: in \[0, 1\)"),
+        ("occlusion", {"window": [4, 0]}, r"window=\[4, 0\] is out of range"),
+        ("occlusion", {"baseline": "nan"}, r"baseline='nan' is out of range; valid: a finite number"),
+        ("lrp", {"epsilon": -1e-9}, r"epsilon=-1e-09 is out of range; valid: >= 0"),
+        ("smoothgrad", {"noise_level": -0.1}, r"noise_level=-0.1 is out of range"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_parameter_value_and_range(method, params, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_method_params(method, params)
+
+
+def test_values_at_the_bounds_pass():
+    assert validate_method_params("integrated_gradients", {"n_steps": "1"}) == {"n_steps": 1}
+    assert validate_method_params("rise", {"p": 1}) == {"p": 1.0}
+    assert validate_method_params("attention_rollout", {"discard_ratio": 0}) == {"discard_ratio": 0.0}
+    assert validate_method_params("lrp", {"epsilon": 0}) == {"epsilon": 0.0}
+    assert validate_method_params("occlusion", {"window": [1, 4096]}) == {"window": (1, 4096)}
+
+
+def test_every_default_is_inside_its_bounds():
+    for name in METHODS.names():
+        for param in resolve_method(name).params.values():
+            if param.bounds is not None and param.default is not None and not isinstance(param.default, str):
+                assert param.bounds.contains(param.default), (name, param)

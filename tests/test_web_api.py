@@ -504,7 +504,8 @@ def test_method_params_reach_the_method(client, run):
         ("n_steps=4", ["params: not JSON"]),
         ("[4]", ["expected a JSON object"]),
         ("[" * 5000, ["params:"]),  # nesting deeper than the parser's recursion limit
-        ('{"n_steps": 1000000000}', ["integrated_gradients.n_steps=1000000000", "over this server's limit"]),
+        ('{"n_steps": 100000}', ["integrated_gradients.n_steps=100000", "over this server's limit"]),
+        ('{"n_steps": 0}', ["n_steps=0 is out of range", "valid: in [1, 1000000]"]),
     ],
     ids=[
         "misspelt",
@@ -515,6 +516,7 @@ def test_method_params_reach_the_method(client, run):
         "not-object",
         "deep",
         "too-much-work",
+        "out-of-range",
     ],
 )
 def test_bad_method_params_are_400_naming_the_param(client, params, fragments):

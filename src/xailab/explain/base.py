@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from xailab.autotune import explain_precision
+from xailab.config import Bounds
 from xailab.device import AUTOCAST_DTYPE
 from xailab.errors import ConfigError, did_you_mean
 from xailab.registry import Registry
@@ -31,6 +32,41 @@ Reduction = Literal["sum", "max_abs", "mean", "none"]
 # The contract's own arguments: a method parameter of the same name could never reach the method
 CONTRACT_ARGS = frozenset({"model", "inputs", "method", "target", "reduce", "precision"})
 _TRUE, _FALSE = frozenset({"true", "yes", "on", "1"}), frozenset({"false", "no", "off", "0"})
+_MAX_EVALS = (
+    1_000_000  # samples / masks / steps per image: beyond it a typo, not a study (and hours per image)
+)
+# The valid range of every numeric method parameter, by name: a name means the same thing in every method
+# (n_samples of LIME, SmoothGrad and SS-CAM are all "how many perturbed copies per image"). Every int / float
+# parameter a method declares must be listed here (a registry-wide test checks it), so no value reaches a
+# method unbounded; numbers must be finite in any case.
+PARAM_BOUNDS: Mapping[str, Bounds] = MappingProxyType(
+    {
+        "n_steps": Bounds(1, _MAX_EVALS),
+        "n_samples": Bounds(1, _MAX_EVALS),
+        "n_masks": Bounds(1, _MAX_EVALS),
+        "n_segments": Bounds(1, 100_000),
+        "grid": Bounds(1, 4096),
+        "cells": Bounds(1, 4096),
+        "window": Bounds(1, 4096),
+        "stride": Bounds(1, 4096),
+        "layers": Bounds(1, 1000),
+        "internal_batch_size": Bounds(1, 1 << 20),
+        "seed": Bounds(0, 2**63 - 1),
+        "p": Bounds(0, 1, low_open=True),  # RISE's keep probability: p = 0 keeps nothing
+        "discard_ratio": Bounds(0, 1, high_open=True),  # discarding every attention weight leaves no map
+        "noise_level": Bounds(0, 100),
+        "std": Bounds(0, 100),
+        "blur_sigma": Bounds(0, 1000, low_open=True),
+        "kernel_width": Bounds(0, None, low_open=True),
+        "compactness": Bounds(0, None, low_open=True),
+        "alpha": Bounds(0, None),
+        "epsilon": Bounds(0, None),
+        "gamma": Bounds(0, None),
+        "baseline": Bounds(),  # a fill value: any finite number
+        "low": Bounds(),
+        "high": Bounds(),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +81,7 @@ class ParamSpec:
     name: str
     type: Any
     default: Any
+    bounds: Bounds | None = None
 
     def members(self) -> tuple[Any, ...]:
         """The annotation's union members (``Literal`` kept whole)."""
@@ -69,6 +106,14 @@ class ParamSpec:
         for member in sorted(self.members(), key=lambda m: m is not NoneType):
             ok, converted = _match(member, value)
             if ok:
+                numeric = isinstance(converted, int | float | tuple | list) and not isinstance(
+                    converted, bool
+                )
+                if numeric and self.bounds is not None and not self.bounds.contains(converted):
+                    raise ConfigError(
+                        f"method {method!r}: parameter {self.name}={value!r} is out of range; valid: "
+                        f"{self.bounds.describe()}"
+                    )
                 return converted
         raise ConfigError(f"method {method!r}: parameter {self.describe()} cannot take {value!r}")
 
@@ -118,7 +163,12 @@ def declared_params(fn: Callable[..., Any], skip: int = 3) -> dict[str, ParamSpe
         hints = {}
     params = list(inspect.signature(fn).parameters.values())[skip:]
     return {
-        p.name: ParamSpec(p.name, hints.get(p.name, Any), None if p.default is p.empty else p.default)
+        p.name: ParamSpec(
+            p.name,
+            hints.get(p.name, Any),
+            None if p.default is p.empty else p.default,
+            PARAM_BOUNDS.get(p.name),
+        )
         for p in params
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
