@@ -253,3 +253,20 @@ def test_a_cell_record_is_validated_and_a_broken_one_is_redone(tmp_path):
     with pytest.raises(ConfigError, match=r"record.json: parameters: -1 is out of range"):
         read_cell_record(tmp_path / "record.json")
     assert finished_record(spec, cell, tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "../escape"}, r"train name: '\.\./escape' cannot be a folder name"),
+        ({"name": "a/b"}, r"train name: 'a/b' cannot be a folder name"),
+        ({"config": {"dataset_options": {"csvv": "x"}}}, r"train\.dataset_options.*'csvv'"),
+        ({"config": {"device": "tpu"}}, r"tpu"),
+    ],
+)
+def test_api_train_checks_name_device_and_dataset_options_before_any_folder(tmp_path, kwargs, message):
+    """The Python API checks what the CLI checks, before a run folder (or a lock file) exists."""
+    config = {"model": "mnist_cnn", "dataset": "digits", "epochs": 1, **kwargs.get("config", {})}
+    with pytest.raises(ConfigError, match=message):
+        train(config, out_dir=tmp_path / "runs", name=kwargs.get("name"), progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escape").exists()

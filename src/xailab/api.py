@@ -13,9 +13,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from xailab.config import bounded, from_dict
-from xailab.data import DATASETS, Dataset, dataset_status, list_datasets, load_dataset
+from xailab.data import Dataset, dataset_status, list_datasets, load_dataset
 from xailab.data.transforms import resize_uint8, to_channels, to_model_input
-from xailab.device import resolve_device as _resolve_device
+from xailab.device import resolve_device
 from xailab.errors import ConfigError, DatasetError, did_you_mean
 from xailab.explain import applicable_methods, explain, list_methods
 from xailab.explain.base import check_applicable, resolve_method, validate_method_params
@@ -31,6 +31,7 @@ from xailab.study import EXECUTORS, TRACKERS, list_studies, run_study
 from xailab.train import Run, TrainConfig, classification_metrics, list_runs, load_run, predict_logits, train
 from xailab.train import distributed as _distributed
 from xailab.train.distributed import is_main_process, launched_by_torchrun
+from xailab.train.loop import check_train_config
 from xailab.train.runs import read_run_config
 
 Precision = Literal["fp32", "bf16", "auto"]  # auto: bf16 where measured faster and accurate
@@ -435,35 +436,6 @@ def options(cls: type[OptionsT], where: str, **values: Any) -> OptionsT:
     return from_dict(cls, {k: v for k, v in values.items() if v is not None}, where=where)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """The device ``name`` names (``auto``: CUDA where present, else the CPU), checked to exist on this
-    machine: ``banana``, or ``cuda`` on a build without CUDA, raise ``ConfigError`` saying what is available."""
-    available = ["auto", "cpu"] + (
-        ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-        if torch.cuda.is_available()
-        else []
-    )
-    try:
-        device = _resolve_device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"device {name!r} is not a device; valid here: {', '.join(available)}") from None
-    if device.type == "cpu":
-        return device
-    if (
-        device.type == "cuda"
-        and torch.cuda.is_available()
-        and (device.index is None or device.index < torch.cuda.device_count())
-    ):
-        return device
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return device
-    raise ConfigError(
-        f"device {name!r} is not available on this machine (this PyTorch build sees "
-        f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA devices); "
-        f"valid here: {', '.join(available)}"
-    )
-
-
 def speed(
     model: str,
     image_size: int | None = None,
@@ -485,14 +457,6 @@ def speed(
 
 
 # ----------------------------------------------------------------------------------------------------- runs
-def check_train_config(config: TrainConfig) -> TrainConfig:
-    """Checks of a training recipe that need the registries or the machine, done before any run folder is
-    made: the device exists here, and the dataset loader reads every ``dataset_options`` key."""
-    resolve_device(config.device)
-    DATASETS.get(config.dataset).check_options(config.dataset_options, where="train.dataset_options")
-    return config
-
-
 def resume_config(run_dir: str | Path) -> dict[str, Any]:
     """The ``train`` section of a run folder's ``config.json`` (what ``train --resume`` starts from)."""
     train_section = read_run_config(run_dir).get("train")

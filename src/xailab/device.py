@@ -1,6 +1,6 @@
 """Device helpers shared by every layer (training, explanations, metrics, the autotuner).
 
-They import nothing of xailab, so ``explain/`` can use them without importing ``train/``.
+They import nothing of xailab but its errors, so ``explain/`` can use them without importing ``train/``.
 """
 
 from __future__ import annotations
@@ -12,14 +12,41 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from xailab.errors import ConfigError
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; any other string is passed to ``torch.device``."""
+    """The device ``name`` names (``auto``: CUDA where present, else the CPU), checked to exist on this
+    machine: ``banana``, or ``cuda`` on a build without CUDA, raise ``ConfigError`` saying what is available.
+    A ``torch.device`` is taken as it is."""
     if isinstance(name, torch.device):
         return name
+    available = ["auto", "cpu"] + (
+        ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+        if torch.cuda.is_available()
+        else []
+    )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device; valid here: {', '.join(available)}") from None
+    if device.type == "cpu":
+        return device
+    if (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and (device.index is None or device.index < torch.cuda.device_count())
+    ):
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise ConfigError(
+        f"device {name!r} is not available on this machine (this PyTorch build sees "
+        f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA devices); "
+        f"valid here: {', '.join(available)}"
+    )
 
 
 def cpu_name() -> str:

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from xailab import autotune
-from xailab.data import Dataset, ImageSet, load_dataset, stratified_split
+from xailab.config import folder_name
+from xailab.data import DATASETS, Dataset, ImageSet, load_dataset, stratified_split
 from xailab.data.transforms import augment_batch, to_model_input
 from xailab.device import autocast, bf16_is_fast, cpu_name, resolve_device
 from xailab.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -219,6 +220,14 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     write_json(run_dir / "history.json", history)
 
 
+def check_train_config(config: TrainConfig) -> TrainConfig:
+    """Checks of a training recipe that need the registries or the machine, done before any run folder is
+    made: the device exists here, and the dataset loader reads every ``dataset_options`` key."""
+    resolve_device(config.device)
+    DATASETS.get(config.dataset).check_options(config.dataset_options, where="train.dataset_options")
+    return config
+
+
 def train(
     config: TrainConfig | dict[str, Any],
     *,
@@ -244,7 +253,11 @@ def train(
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    run_dir = Path(out_dir) / (name or default_run_name(config))
+    if dataset is None:  # a dataset passed in need not be registered
+        check_train_config(config)
+    run_dir = Path(out_dir) / (
+        folder_name(name, "train name") if name is not None else default_run_name(config)
+    )
     with (
         deterministic_algorithms(config.deterministic),
         distributed.process_group(resolve_device(config.device)) as ctx,
