@@ -266,7 +266,7 @@ def test_the_shortcut_study_trains_both_models_scores_the_marker_and_reports_it(
     from xailab.metrics.localisation import LOCALISATION_METRICS
     from xailab.study import run_study, spec_from_dict
 
-    spec = spec_from_dict(tiny_shortcut_spec())
+    spec = spec_from_dict(tiny_shortcut_spec(n_misclassified=2))
     report = run_study(spec, out=tmp_path, progress=False)
     cell = tmp_path / "tiny-shortcut" / "keras_cnn__shortcut"
     record = json.loads((cell / "record.json").read_text())
@@ -286,9 +286,16 @@ def test_the_shortcut_study_trains_both_models_scores_the_marker_and_reports_it(
     # The shortcut model follows the marker: moved onto other digits, it pulls them to "3"; the control not.
     moved = {m: section["reliance"][m]["moved"]["to_marked_class"] for m in ("shortcut", "control")}
     assert moved["shortcut"] > moved["control"] + 0.2
-    # The usual assessment speaks about the marked images (all of class 3).
+    # The usual assessment speaks about the marked images (all of class 3); mistakes are searched for in
+    # the whole test split the model was evaluated on.
     assert all(row["label"] == "3" for row in record["gallery"])
+    wrong, test = record["misclassified"], record["test"]
+    assert wrong["searched"] == test["n"] > section["n_marked"]
+    assert wrong["total"] == round((1 - test["accuracy"]) * test["n"]) and len(wrong["items"]) == min(
+        2, wrong["total"]
+    )
     html = report.read_text()
+    assert f"{wrong['total']} of {test['n']} test images wrong" in html
     for text in (
         "Which explanation finds the shortcut?",
         "Which explanation to trust",

@@ -510,7 +510,7 @@ def assess_cell(
     record.update(parameters=meta["model"]["parameters"], macs=meta["model"]["macs"])
     record["environment"] = meta.get("environment", {})
     method = explaining_method(spec.misclassification_method, plan)
-    record["misclassified"] = _misclassified(spec, model, dataset, pred, method, cell_dir)
+    record["misclassified"] = misclassified_section(spec, model, dataset, pred, method, cell_dir)
     if quadrants and len(names) == 2:
         record["quadrants"] = quadrant_galleries(spec, model, dataset, pred, method, cell_dir)
     record["quality"] = assessment.quality()
@@ -524,15 +524,17 @@ def assess_cell(
     return record
 
 
-def _misclassified(
+def misclassified_section(
     spec: StudySpec, model: nn.Module, dataset: Dataset, pred: Predictions, method: str, cell_dir: Path
 ) -> dict[str, Any]:
-    """The first ``spec.n_misclassified`` wrong test predictions, explained by ``method`` for the predicted
-    and the true class."""
+    """The first ``spec.n_misclassified`` wrong test predictions ``pred`` of ``dataset``'s test split,
+    explained by ``method`` for the predicted and the true class; ``total`` wrong of ``searched`` images."""
     test = dataset["test"]
     labels = test.labels.cpu()
     wrong = (pred.predicted != labels).nonzero().flatten()
-    out: dict[str, Any] = {"method": method, "total": int(wrong.numel()), "figure": None, "items": []}
+    out: dict[str, Any] = {
+        "method": method, "total": int(wrong.numel()), "searched": len(test), "figure": None, "items": []
+    }  # fmt: skip
     chosen = wrong[: spec.n_misclassified]
     if spec.n_misclassified == 0 or chosen.numel() == 0:
         return out

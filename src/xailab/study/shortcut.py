@@ -39,7 +39,17 @@ from xailab.metrics import METRICS, evaluate_explanations, spearman, summarise
 from xailab.metrics.base import chunked_explain, method_explainer
 from xailab.metrics.localisation import LOCALISATION_METRICS, focus, mosaics
 from xailab.records import CellRecord, read_cell_record
-from xailab.study.runner import Cell, CellTask, assess_cell, cell_dataset, cell_key, gallery_tiles, train_cell
+from xailab.study.runner import (
+    Cell,
+    CellTask,
+    assess_cell,
+    cell_dataset,
+    cell_key,
+    gallery_tiles,
+    misclassified_section,
+    predict_test,
+    train_cell,
+)
 from xailab.study.spec import StudySpec
 from xailab.train import Run, predict_logits
 
@@ -130,6 +140,16 @@ def run_shortcut_cell(task: CellTask) -> dict[str, Any]:
     # The usual assessment, on the marked test images only, so galleries and quality tables show them.
     on_marked = dataclasses.replace(dataset, splits={**dataset.splits, "test": marked})
     assessed = assess_cell(spec, cell, run, on_marked, cell_dir)
+    # ... but mistakes are searched for in the whole test split as trained (the marked images above are
+    # all of the marked classes and mostly right: "0 of 128 wrong" would hide what the shortcut costs).
+    assessed["misclassified"] = misclassified_section(
+        spec,
+        run.model.eval(),
+        dataset,
+        predict_test(run, dataset),
+        assessed["misclassified"]["method"],
+        cell_dir,
+    )
     # Only the methods that apply to the cell's model (both models share its architecture): the plan
     # assess_cell made, whose skipped methods its record lists with what they need. LRP's z-B bounds: the
     # dataset's normalised range unless the study sets them, as in assess_cell.
