@@ -625,3 +625,134 @@ def test_composite_z_box_bounds_come_from_the_dataset_unless_given():
     assert not uses_rule("epsilon_plus_flat", "z_box") and uses_rule("epsilon_plus_flat", "flat")
     filled = with_dataset_bounds({"lrp": {"composite": user}}, ["lrp"], mean, std)["lrp"]
     assert filled["low"] == (-1.0, -2.0)
+
+
+# ---- the fused rule gradient equals the unfused reference -------------------------------------------------
+
+
+def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``RuleLayer.forward`` before it was fused: ``z + coef * (part - part.detach())`` per term, with
+    ``part = z_k * safe_divide(z, z_k)``, so autograd sends ``coef * c * z / stab(z_k)`` into each term."""
+    from xailab.explain.lrp.rules import safe_divide
+
+    with torch.set_grad_enabled(torch.is_grad_enabled() and self.rule.reuses_output):
+        z = self.module(x)
+    value = z.detach()
+    out = value
+    for coef, z_k in self.rule.terms(self.module, x, z):
+        part = z_k * safe_divide(value, z_k.detach(), self.rule.stabilizer)
+        out = out + coef * (part - part.detach())
+    return out
+
+
+# together these give every rule of RULES some layer: zero, epsilon (dense layers, kept batch norms, and
+# every layer but the first in epsilon_w_square), z+, flat, gamma, z-B, alpha-beta, w-square, and pass on
+# ReLU / ReLU6
+FUSION_COMPOSITES = (
+    "zero",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_w_square",
+)
+
+
+@pytest.mark.parametrize("name", conv_models())
+def test_fused_rule_gradient_equals_the_unfused_reference_on_every_zoo_model(name, monkeypatch):
+    """``RuleLayer`` computes each rule's factors once in the forward pass and applies them in one custom
+    autograd node (and leaves ReLU's gradient alone): the maps equal those of the unfused modified gradient
+    for every rule, on every zoo model."""
+    from xailab.explain.lrp import RuleLayer
+
+    model = build(name)
+    x = images(1)
+    target = torch.tensor([3])
+    low, high = box_bounds((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+    def maps() -> dict[str, torch.Tensor]:
+        return {
+            c: explain(model, x, "lrp", target, reduce=None, composite=c, low=low, high=high)
+            for c in FUSION_COMPOSITES
+        }
+
+    fused = maps()
+    monkeypatch.setattr(RuleLayer, "forward", reference_forward)
+    unfused = maps()
+    for composite in FUSION_COMPOSITES:
+        scale = unfused[composite].abs().max().item()
+        assert scale > 0, composite
+        torch.testing.assert_close(
+            fused[composite], unfused[composite], rtol=1e-5, atol=1e-6 * scale, msg=composite
+        )
+
+
+def test_fused_rule_gradient_equals_the_unfused_reference_in_bf16(monkeypatch):
+    from xailab.explain.lrp import RuleLayer
+
+    model = build("mobilenetv2")
+    x, target = images(2), torch.tensor([0, 2])
+    fused = explain(model, x, "lrp", target, reduce=None, composite="epsilon_gamma_box", precision="bf16")
+    monkeypatch.setattr(RuleLayer, "forward", reference_forward)
+    unfused = explain(model, x, "lrp", target, reduce=None, composite="epsilon_gamma_box", precision="bf16")
+    torch.testing.assert_close(fused, unfused, rtol=1e-2, atol=1e-3 * unfused.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_factors_equal_safe_divide(dtype):
+    """The factors the fused path computes in fewer passes are ``safe_divide``'s, float for float: zeros
+    (both signs), values below epsilon and an epsilon too small for the dtype included."""
+    from xailab.explain.lrp.rules import output_ratio, safe_divide, stabilized_ratio
+
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(4000, generator=generator).to(dtype)
+    z[:10], z[10:20], z[20:30], z[30:40] = 0.0, -0.0, 1e-7, -1e-7
+    numerator = torch.randn(4000, generator=generator).to(dtype)
+    for eps in (0.0, 1e-50, 1e-9, 1e-6, 0.25):
+        assert torch.equal(output_ratio(z, eps), safe_divide(z, z, eps)), eps
+        assert torch.equal(stabilized_ratio(numerator, z, eps), safe_divide(numerator, z, eps)), eps
+
+
+def test_in_place_activations_after_rule_layers_give_the_same_maps():
+    """The fused node hands on the layer's output itself (no copy, no view), so an in-place ReLU after a
+    convolution or a dense layer works and gives the maps of the out-of-place one."""
+
+    def net(inplace: bool) -> nn.Module:
+        torch.manual_seed(6)
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.ReLU(inplace=inplace),
+            nn.Conv2d(4, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU6(inplace=inplace),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 5),
+            nn.ReLU(inplace=inplace),
+            nn.Linear(5, 3),
+        ).eval()
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    for composite in ("epsilon", "epsilon_plus_flat", "epsilon_alpha2_beta1"):
+        expected = explain(net(False), x, "lrp", torch.tensor([0, 2]), reduce=None, composite=composite)
+        got = explain(net(True), x, "lrp", torch.tensor([0, 2]), reduce=None, composite=composite)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(got, expected, msg=composite)
+
+
+def test_the_canonical_copy_has_its_own_modules_and_shares_the_unmerged_tensors():
+    """The copy is built module by module (not by deepcopy): new module objects with their own parameter,
+    submodule and hook tables, the model's tensors where nothing was merged, the model untouched."""
+    from xailab.explain.lrp import probe
+    from xailab.explain.lrp.canonizers import canonical_copy
+
+    model = build("resnet18")
+    x = images(1)
+    twin = canonical_copy(model, probe(model, x))
+    ours, theirs = dict(model.named_modules()), dict(twin.named_modules())
+    assert all(theirs[p] is not m for p, m in ours.items() if p in theirs)
+    assert isinstance(twin.stem[1], nn.Identity) and isinstance(model.stem[1], nn.BatchNorm2d)
+    assert twin.stem[0].weight is not model.stem[0].weight  # merged: a new parameter
+    assert twin.fc.weight is model.fc.weight  # not merged: the model's own tensor
+    twin.fc.register_forward_hook(lambda *args: None)
+    assert not model.fc._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-5)

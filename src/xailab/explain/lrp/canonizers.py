@@ -17,7 +17,6 @@ addition in proportion to its terms and routes a concatenation back to its parts
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
@@ -115,8 +114,9 @@ def probe(model: nn.Module, example: Tensor) -> Probe:
                 found.first.add(path)
             if not isinstance(output, Tensor):
                 return None
-            # a fresh leaf: later layers require grad exactly when they depend on a layer with a rule
-            cut = output.detach().requires_grad_(True)
+            # cut from the graph: later layers require grad exactly when they depend on a layer with a rule
+            # (a copy of a fresh leaf, which an in-place activation after the layer may change)
+            cut = output.detach().requires_grad_(True).clone()
             produced[id(cut)] = (path, cut)
             return cut
 
@@ -213,13 +213,31 @@ def merge_norm(layer: nn.Module, norm: nn.Module, where: str) -> None:
     layer.bias = nn.Parameter(new_bias.to(dtype), requires_grad=False)
 
 
+def _module_copy(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    """A new module object for ``module`` and each submodule (one per shared submodule, ``memo``), their
+    attribute dicts (parameter, buffer, submodule and hook tables) copied one level deep, the tensors and other
+    attribute values shared: what ``copy.deepcopy`` with every tensor in its memo gives, at a fraction of its
+    cost (it walks every attribute of every module through ``__reduce_ex__``)."""
+    if id(module) in memo:
+        return memo[id(module)]
+    twin = object.__new__(type(module))  # no __init__: the state is the module's own, copied below
+    memo[id(module)] = twin
+    state = vars(twin)
+    for key, value in vars(module).items():
+        # _parameters, _buffers, _modules, hook tables: the copy's own dicts, holding the same values
+        state[key] = value.copy() if isinstance(value, dict) else value
+    state["_modules"] = {
+        name: None if child is None else _module_copy(child, memo) for name, child in module._modules.items()
+    }
+    return twin
+
+
 def canonical_copy(model: nn.Module, found: Probe) -> nn.Module:
     """A copy of ``model``'s modules (sharing its parameters and buffers) in eval mode with ``found``'s batch
     norms merged, and no instance-level ``forward`` (``explain``'s autocast wrapper calls the original model)."""
     # the copy's modules are new, its tensors the model's own (copying DenseNet-169's weights took longer
     # than explaining a batch): nothing below changes a tensor in place, merged layers get new parameters
-    memo: dict[int, object] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    twin = copy.deepcopy(model, memo)
+    twin = _module_copy(model, {})
     vars(twin).pop("forward", None)
     twin.eval()
     for layer_path, norm_path, where in found.merges:

@@ -12,10 +12,16 @@ value ``z`` exactly but its gradient becomes ``sum_k coef_k J_k^T (c * z / stab(
 ``R_in = x * c_in = sum_k coef_k x * J_k^T (R_out / stab(z_k))`` — the z-rule of Bach et al. 2015 with the
 rule's ``z_k``. For an input-layer rule whose relevance does not scale with ``x`` (flat, w-square, z-B), the
 terms see ``u = x / x`` (value 1, gradient ``1 / x``), so ``x * c_in`` is that rule's relevance.
+
+Cost: ``RuleLayer`` computes each term's factor ``z / stab(z_k)`` once in the forward pass and hands the layer's
+output to autograd through one custom function (``RuleGradient``) whose backward is one multiplication per
+term; an epsilon or LRP-0 layer reuses its own output as the term (no second forward), so it costs its forward,
+one stabilised division and its plain backward: about what the layer's input gradient costs.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import cast
 
@@ -78,12 +84,44 @@ def safe_divide(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tenso
     return torch.where(nonzero, numerator / torch.where(nonzero, den, torch.ones_like(den)), 0.0)
 
 
+def stabilized_ratio(numerator: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
+    """``safe_divide(numerator, denominator, epsilon)`` in fewer passes over the tensors (same values; the
+    sign of a zero result may differ). Without grad: the factor ``RuleLayer`` multiplies gradients by."""
+    with torch.no_grad():
+        if epsilon > 0 and epsilon >= torch.finfo(denominator.dtype).tiny:
+            # |den| >= epsilon > 0 everywhere (epsilon is a normal number in den's dtype): no zero to mask
+            sign = torch.where(denominator >= 0, epsilon, -epsilon).to(denominator.dtype)
+            return numerator / (denominator + sign)
+        # where den == 0 the division gives inf or nan, which the mask replaces
+        return torch.where(denominator != 0, numerator / denominator, 0.0)
+
+
+def output_ratio(z: Tensor, epsilon: float) -> Tensor:
+    """``safe_divide(z, z, epsilon)``, the epsilon rule's factor ``z / (z + epsilon sign z)``, as
+    ``|z| / (|z| + epsilon)`` (the same floats: IEEE rounding is symmetric in sign), 0 where ``z == 0``."""
+    with torch.no_grad():
+        if epsilon > 0 and epsilon >= torch.finfo(z.dtype).tiny:
+            magnitude = z.abs()
+            return magnitude.div_(magnitude + epsilon)
+        return (z != 0).to(z.dtype)
+
+
 def unit(x: Tensor) -> Tensor:
     """A tensor of ones (zeros where ``x == 0``) whose gradient is ``1 / x``: an input rule built on it gets
     relevance ``x * c_in`` independent of ``x`` (flat, w-square) or of the bounds it multiplies (z-B)."""
     d = x.detach()
     nonzero = d != 0
     return x / torch.where(nonzero, d, torch.ones_like(d)) * nonzero
+
+
+def split_signs(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(max(x, 0), min(x, 0))``; where ``x`` has no negative entry, ``(x, None)``: the negative part's
+    terms are then 0 and are skipped (one convolution less each). Their gradient would only reach inputs
+    exactly 0, which carry no relevance (``R = x c``) and pass none back (the ReLU, rule layer or pooling
+    that made a 0 gives it no gradient)."""
+    if bool((x < 0).any()):
+        return x.clamp(min=0), x.clamp(max=0)
+    return x, None
 
 
 def _pos(t: Tensor | None) -> Tensor | None:
@@ -146,9 +184,13 @@ class Gamma(Rule):
         b_up = b_down = None
         if b is not None and not self.zero_bias:
             b_up, b_down = b + self.gamma * b.clamp(min=0), b + self.gamma * b.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        positive = affine(layer, xp, up, b_up) + affine(layer, xn, down, None)
-        negative = affine(layer, xp, down, b_down) + affine(layer, xn, up, None)
+        xp, xn = split_signs(x)
+        positive, negative = affine(layer, xp, up, b_up), affine(layer, xp, down, b_down)
+        if xn is not None:
+            positive, negative = (
+                positive + affine(layer, xn, down, None),
+                negative + affine(layer, xn, up, None),
+            )
         return [(1.0, torch.where(z.detach() >= 0, positive, negative))]
 
 
@@ -171,12 +213,16 @@ class AlphaBeta(Rule):
     def terms(self, layer: nn.Module, x: Tensor, z: Tensor) -> Terms:
         w, b = affine_params(layer)
         b = None if self.zero_bias else b
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        xp, xn = split_signs(x)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        positive = affine(layer, xp, wp, _pos(b)) + affine(layer, xn, wn, None)
+        positive = affine(layer, xp, wp, _pos(b))
+        if xn is not None:
+            positive = positive + affine(layer, xn, wn, None)
         terms = [(self.alpha, positive)]
         if self.beta:
-            negative = affine(layer, xp, wn, _neg(b)) + affine(layer, xn, wp, None)
+            negative = affine(layer, xp, wn, _neg(b))
+            if xn is not None:
+                negative = negative + affine(layer, xn, wp, None)
             terms.append((-self.beta, negative))
         return terms
 
@@ -190,13 +236,11 @@ class ZPlus(Rule):
 
     def terms(self, layer: nn.Module, x: Tensor, z: Tensor) -> Terms:
         w, _ = affine_params(layer)
-        return [
-            (
-                1.0,
-                affine(layer, x.clamp(min=0), w.clamp(min=0), None)
-                + affine(layer, x.clamp(max=0), w.clamp(max=0), None),
-            )
-        ]
+        xp, xn = split_signs(x)
+        z = affine(layer, xp, w.clamp(min=0), None)
+        if xn is not None:
+            z = z + affine(layer, xn, w.clamp(max=0), None)
+        return [(1.0, z)]
 
 
 @dataclass(frozen=True)
@@ -270,6 +314,50 @@ class Pass(Rule):
         return [(1.0, x)]
 
 
+def shrinks_toward_zero(module: nn.Module) -> bool:
+    """Whether ``module`` is an activation with ``|f(x)| <= |x|`` and the sign of ``x`` kept (ReLU, ReLU6, a
+    hardtanh around 0, a leaky ReLU with slope in [0, 1]): the pass rule's ``f(x) / x`` is then in [0, 1]."""
+    if isinstance(module, nn.ReLU):
+        return True
+    if isinstance(module, nn.Hardtanh):
+        return module.min_val <= 0 <= module.max_val
+    if isinstance(module, nn.LeakyReLU):
+        return 0 <= module.negative_slope <= 1
+    return False
+
+
+class RuleGradient(torch.autograd.Function):
+    """``value`` (a layer's output, computed without grad) as the output of a node whose backward sends
+    ``coef_k * grad * scale_k`` to each term ``z_k``: the rule's modified gradient in one node.
+
+    ``value`` is handed back itself, marked as changed in place (so it is neither copied nor a view: a later
+    in-place operation on it, e.g. ``ReLU(inplace=True)``, is allowed); it must be a tensor no autograd node
+    saved. The factors ``scale_k`` are computed beforehand, so the backward reads nothing ``value``'s later
+    users may change.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        value: Tensor,
+        coefs: tuple[float, ...],
+        scales: tuple[Tensor, ...],
+        *terms: Tensor,
+    ) -> Tensor:
+        ctx.mark_dirty(value)
+        ctx.coefs = coefs  # type: ignore[attr-defined]
+        ctx.save_for_backward(*scales)
+        return value
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scales = ctx.saved_tensors  # type: ignore[attr-defined]
+        coefs: tuple[float, ...] = ctx.coefs  # type: ignore[attr-defined]
+        # (coef * grad) * scale: the unfused form's order of rounding
+        grads = [(grad if coef == 1.0 else grad * coef) * s for coef, s in zip(coefs, scales, strict=True)]
+        return (None, None, None, *grads)
+
+
 class RuleLayer(nn.Module):
     """``module`` whose output keeps its value but whose gradient follows ``rule`` (see the module docstring).
 
@@ -278,20 +366,37 @@ class RuleLayer(nn.Module):
 
     def __init__(self, module: nn.Module, rule: Rule) -> None:
         super().__init__()
+        if getattr(module, "inplace", False):
+            # the rule reads the layer's input after the layer ran: an in-place activation would overwrite it
+            module = copy.copy(module)
+            setattr(module, "inplace", False)  # noqa: B010 (an attribute of some module types only)
         self.module = module
         self.rule = rule
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.rule.reuses_output):
+        if not torch.is_grad_enabled():  # no gradient wanted: the layer's value is all there is
+            return self.module(x)
+        eps = self.rule.stabilizer
+        if isinstance(self.rule, Pass) and eps == 0 and shrinks_toward_zero(self.module):
+            if isinstance(self.module, nn.ReLU):  # f(x) / x is 1 or 0: the plain gradient is the pass rule
+                return self.module(x)
+            with torch.no_grad():
+                value = self.module(x)
+                # |f(x) / x| <= 1, so the only non-finite ratio is 0 / 0 at x == 0, which safe_divide sets to 0
+                scale = (value / x).nan_to_num_(0.0)
+            return RuleGradient.apply(value, (1.0,), (scale,), x)
+        if self.rule.reuses_output and isinstance(self.module, AFFINE_TYPES):
+            # the only term is the output itself, whose backward (an affine layer's) saved no output tensor:
+            # its storage can be handed on as the value without a copy
             z = self.module(x)
-        value = z.detach()
-        out = value
-        for coef, z_k in self.rule.terms(self.module, x, z):
-            scale = safe_divide(value, z_k.detach(), self.rule.stabilizer)
-            part = z_k * scale
-            # value: exactly ``z``; gradient: coef * J_k^T (c * z / stab(z_k))
-            out = out + coef * (part - part.detach())
-        return out
+            return RuleGradient.apply(z.detach(), (1.0,), (output_ratio(z, eps),), z)
+        with torch.set_grad_enabled(self.rule.reuses_output):
+            z = self.module(x)
+        terms = self.rule.terms(self.module, x, z)
+        value = z.detach().clone() if self.rule.reuses_output else z
+        coefs = tuple(coef for coef, _ in terms)
+        scales = tuple(stabilized_ratio(value, z_k.detach(), eps) for _, z_k in terms)
+        return RuleGradient.apply(value, coefs, scales, *(z_k for _, z_k in terms))
 
     def extra_repr(self) -> str:
         return repr(self.rule)
