@@ -352,3 +352,55 @@ def test_bad_segments_are_rejected() -> None:
         P.segment_images(x, torch.zeros(3, 16, 16, dtype=torch.long))
     with pytest.raises(ConfigError, match="baseline"):
         P.baseline_images(x, "noise")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- copies stored as the caller's inputs are
+
+
+class LayoutRecorder(nn.Module):
+    """Wraps a model and records, per call, whether its batch was stored channels_last (channel stride 1)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.channels_last = model, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.channels_last.append(x.stride(1) == 1)
+        return self.model(x)
+
+
+def nhwc(x: Tensor) -> Tensor:
+    """``x`` ``[B, C, H, W]`` stored as ``xailab.data.transforms.to_model_input`` stores model inputs: a
+    permuted ``[B, H, W, C]`` tensor (channels_last; with one channel, the channel stride is 1)."""
+    return x.clone(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_in_layout_stores_copies_as_the_inputs_are(channels):
+    from xailab.explain.batching import in_layout, inputs_channels_last
+
+    x = inputs_for((4, channels, 6, 5))
+    assert not inputs_channels_last(x) and inputs_channels_last(nhwc(x))
+    assert in_layout(x, False) is x
+    cl = in_layout(x, True)
+    assert inputs_channels_last(cl) and torch.equal(cl, x)
+    if channels == 1:  # the same bytes: a view, no copy
+        assert cl.data_ptr() == x.data_ptr()
+    assert in_layout(cl, True) is cl
+
+
+@pytest.mark.parametrize("method", ["occlusion", "lime", "kernel_shap", "rise"])
+def test_perturbed_copies_reach_the_model_in_the_inputs_layout(mnist_model, method):
+    """Copies of channels_last inputs (what xailab's data pipeline gives) reach the model channels_last,
+    which runs its convolutions faster on CPUs, as Captum's and lime's copies do; NCHW inputs give NCHW
+    copies. The maps are equal up to float rounding (the convolution kernels differ)."""
+    x = torch.cat([digit_image(), inputs_for((1, 1, 28, 28))])
+    maps = {}
+    for name, inputs in (("nchw", x), ("nhwc", nhwc(x))):
+        model = LayoutRecorder(mnist_model)
+        maps[name] = explain(model, inputs, method, target=7, internal_batch_size=16, **FAST[method])
+        calls = model.channels_last[1:]  # the first call chose nothing: the target is given; occlusion's f(x)
+        assert len(calls) > 1 and all(calls) == (name == "nhwc") and any(calls) == (name == "nhwc")
+    scale = maps["nchw"].abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(maps["nhwc"], maps["nchw"], rtol=1e-4, atol=1e-4 * scale)

@@ -420,12 +420,15 @@ class _Bench:
         reps = -(-batch // self.sample.shape[0])
         x = self.sample.repeat(reps, 1, 1, 1)[:batch]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt), self.labels.repeat(reps)[:batch]
+        # clone, not .contiguous(): a one-channel tensor is contiguous in both layouts and would keep NCHW strides
+        return x.clone(memory_format=fmt), self.labels.repeat(reps)[:batch]
 
     def runner(self, pass_name: str, c: Config) -> Callable[[], object]:
         """``run()`` doing one call of ``pass_name`` in configuration ``c``."""
-        # Training converts its batches with the model; explanations get the caller's NCHW tensors.
-        x, y = self.inputs(c.batch, c.channels_last and pass_name == "train_step")
+        # Training converts its batches with the model; explanations' copies keep the layout of the caller's
+        # inputs (``xailab.explain.batching.in_layout``), so their chunks are timed in it.
+        explain_layout = inputs_channels_last(self.sample)
+        x, y = self.inputs(c.batch, c.channels_last if pass_name == "train_step" else explain_layout)
         dtype = torch.bfloat16 if c.precision == "bf16" else None
         dev = self.device
         model = self.copy(pass_name == "train_step", c.channels_last, c.compile)
@@ -558,8 +561,24 @@ def _sweep_chunks(
             break
 
 
+def inputs_channels_last(x: Tensor | None) -> bool:
+    """Whether images ``x`` ``[B, C, H, W]`` are stored channels_last (channel stride 1, which also tells a
+    one-channel NHWC tensor from an NCHW one), as ``xailab.data`` makes model inputs."""
+    return (
+        x is not None
+        and x.ndim == 4
+        and x.shape[-2] * x.shape[-1] > 1
+        and x.stride(1) == 1
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _key_fields(
-    model: nn.Module, input_shape: Sequence[int], device: torch.device, train_batch: int
+    model: nn.Module,
+    input_shape: Sequence[int],
+    device: torch.device,
+    train_batch: int,
+    sample: Tensor | None = None,
 ) -> dict[str, Any]:
     return {
         "model": getattr(model, "model_name", type(model).__name__),
@@ -569,6 +588,7 @@ def _key_fields(
         "torch": torch.__version__,
         "train_batch": train_batch,
         "channels_last_model": model_is_channels_last(model),
+        "channels_last_inputs": inputs_channels_last(sample),
     }
 
 
@@ -626,7 +646,7 @@ def tune(
         raise ConfigError(f"input_shape must end with (C, H, W), got {tuple(input_shape)}")
     if device is None:
         device = next(model.parameters()).device
-    fields = _key_fields(model, input_shape, device, train_batch)
+    fields = _key_fields(model, input_shape, device, train_batch, sample)
     key, path = cache_path(fields, cache_dir)
     cached = None if refresh else _read_cache(path, key, fields)
     if cached is not None and all(p in cached.timings for p in passes):

@@ -4,7 +4,8 @@ chunks, seeded generators, argument checks and the baseline vocabulary (with its
 Methods and metrics evaluate many copies of their inputs (perturbed, interpolated, noisy). A copy has a flat
 index ``i`` in ``range(N)``; the caller's ``build(idx[k]) -> [k, C, H, W]`` makes the copies of a chunk of
 indices with tensor ops, so memory stays bounded by one chunk whatever ``N`` is and there is never one Python
-iteration per copy. ``default_batch_size`` is the single place where a chunk size is chosen.
+iteration per copy. ``default_batch_size`` is the single place where a chunk size is chosen; ``in_layout``
+stores copies as the caller's inputs are stored (channels_last or NCHW), the layout the model then runs in.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab import autotune
+from xailab.autotune import inputs_channels_last
 from xailab.errors import ConfigError
 
 Score = Literal["logit", "softmax", "predicted"]
@@ -80,6 +82,22 @@ def chunks(total: int, size: int, device: torch.device) -> Iterator[Tensor]:
     yield from torch.arange(total, device=device).split(size)
 
 
+def in_layout(batch: Tensor, channels_last: bool) -> Tensor:
+    """``batch`` ``[k, C, H, W]`` stored channels_last when ``channels_last`` (see ``inputs_channels_last``),
+    else unchanged; the values are the same.
+
+    Copies built from channels_last inputs come out NCHW when the layout is ambiguous (elementwise ops on one
+    channel), and a model then runs its convolutions in NCHW, slower on CPUs (mnist_cnn on a 2-core AVX2 EPYC: bare passes 1.2-1.3x, docs/benchmarks.md). Copies
+    are therefore stored as the caller's inputs are, as Captum's and lime's copies are; the caller's model
+    is never converted. One channel: the same bytes with the channel stride set to 1 (a view, no copy).
+    """
+    if not channels_last or inputs_channels_last(batch) or batch.ndim != 4:
+        return batch
+    if batch.shape[1] == 1 and batch.is_contiguous():
+        return batch.as_strided(batch.shape, (batch.stride(0), 1, batch.stride(2), batch.stride(3)))
+    return batch.contiguous(memory_format=torch.channels_last)
+
+
 def seeded_generator(like: Tensor, seed: int) -> torch.Generator:
     """A ``torch.Generator`` on ``like``'s device seeded with ``seed``: every random method and metric draws
     from one, so the same call gives the same result."""
@@ -103,15 +121,18 @@ def score_copies(
     targets: Tensor,
     chunk: int,
     score: Score = "logit",
+    like: Tensor | None = None,
 ) -> Tensor:
     """Scores of ``len(targets)`` copies, built and evaluated ``chunk`` at a time.
 
     ``build(idx)``: the copies with flat indices ``idx`` ``[k]`` as ``[k, C, H, W]``; ``targets`` ``[N]``:
-    the class scored for each flat index. Returns float ``[N]`` (see ``scores_from_logits``).
+    the class scored for each flat index. ``like``: the inputs the copies are made from; the copies reach the
+    model stored in their layout (``in_layout``). Returns float ``[N]`` (see ``scores_from_logits``).
     """
+    channels_last = like is not None and inputs_channels_last(like)
     return torch.cat(
         [
-            scores_from_logits(model(build(idx)), targets[idx], score)
+            scores_from_logits(model(in_layout(build(idx), channels_last)), targets[idx], score)
             for idx in chunks(targets.shape[0], chunk, targets.device)
         ]
     )

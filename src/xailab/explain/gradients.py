@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from xailab.errors import ConfigError
 from xailab.explain.base import METHODS, ParamSpec, declared_params, register_method
-from xailab.explain.batching import Baseline, baseline_images, chunk_size, chunks, seeded_generator
+from xailab.explain.batching import (
+    Baseline,
+    baseline_images,
+    chunk_size,
+    chunks,
+    in_layout,
+    inputs_channels_last,
+    seeded_generator,
+)
 
 IGRule = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
 IG_METHODS: tuple[str, ...] = IGRule.__args__  # type: ignore[attr-defined]
@@ -110,12 +118,15 @@ def integrated_gradients(
     difference = inputs - baselines
     b = inputs.shape[0]
     total = torch.zeros_like(inputs)
+    channels_last = inputs_channels_last(inputs)  # path points stored as the inputs are (see ``in_layout``)
     # path point ``i`` is image ``i % b`` at step ``i // b`` (Captum's order)
     for index in chunks(
         n_steps * b, chunk_size(inputs, internal_batch_size, grad=True, model=model), inputs.device
     ):
         step, image = index // b, index % b
-        points = baselines[image] + alphas[step].view(-1, 1, 1, 1) * difference[image]
+        points = in_layout(
+            baselines[image] + alphas[step].view(-1, 1, 1, 1) * difference[image], channels_last
+        )
         grads = target_gradients(model, points, target[image])
         total.index_add_(0, image, grads * step_sizes[step].view(-1, 1, 1, 1))
     return total * difference
@@ -199,6 +210,7 @@ def smoothgrad(
     sigma = noise_level * (inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3)))
     generator = seeded_generator(inputs, seed)
     total = torch.zeros_like(inputs)
+    channels_last = inputs_channels_last(inputs)  # noisy copies stored as the inputs are (see ``in_layout``)
     # noisy copy ``i`` is image ``i % b`` with sample ``i // b`` of the noise
     for index in chunks(n_samples * b, batch_size, inputs.device):
         image = index % b
@@ -209,6 +221,7 @@ def smoothgrad(
             chunk_noise = draw * sigma[image].view(-1, 1, 1, 1)
         else:
             chunk_noise = noise[index]
-        maps = base_fn(model, inputs[image] + chunk_noise, target[image], **base_params)
+        noisy = in_layout(inputs[image] + chunk_noise, channels_last)
+        maps = base_fn(model, noisy, target[image], **base_params)
         total.index_add_(0, image, maps)
     return total / n_samples

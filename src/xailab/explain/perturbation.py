@@ -107,7 +107,7 @@ def occlusion(
     with torch.no_grad():
         full = model(inputs).float().gather(1, target[:, None])
     chunk = chunk_size(inputs, internal_batch_size, model=model)
-    occluded = score_copies(model, build, target.repeat_interleave(n_rows * n_cols), chunk)
+    occluded = score_copies(model, build, target.repeat_interleave(n_rows * n_cols), chunk, like=inputs)
     drop = (full - occluded.view(b, n_rows * n_cols)).view(b, n_rows, n_cols)
     # Sum of the drops of the windows covering each pixel, as row_cover^T @ drop @ col_cover, over their count
     row_cover, col_cover = row_cover.float(), col_cover.float()
@@ -225,7 +225,7 @@ def coalition_scores(
         keep = coalitions[image, idx % n].gather(1, flat_labels[image]).view(len(idx), 1, *labels.shape[1:])
         return torch.where(keep.bool(), inputs[image], background[image])
 
-    return score_copies(model, build, target.repeat_interleave(n), chunk).view(b, n)
+    return score_copies(model, build, target.repeat_interleave(n), chunk, like=inputs).view(b, n)
 
 
 def segment_map(coefficients: Tensor, labels: Tensor) -> Tensor:
@@ -485,7 +485,9 @@ def rise(
         return inputs[idx // n_masks] * rise_masks(grids[mask], shifts[mask], height, width)[:, None]
 
     chunk = chunk_size(inputs, internal_batch_size, model=model)
-    scores = score_copies(model, build, target.repeat_interleave(n_masks), chunk, score="softmax")
+    scores = score_copies(
+        model, build, target.repeat_interleave(n_masks), chunk, score="softmax", like=inputs
+    )
     scores = scores.view(b, n_masks)
     saliency = torch.zeros(b, height, width, device=inputs.device)
     for index in chunks(n_masks, chunk, inputs.device):
