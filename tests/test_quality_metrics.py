@@ -339,3 +339,49 @@ def test_agreement_matrix():
         torch.testing.assert_close(m.diagonal(), torch.ones(3, dtype=torch.float64))
         assert m[0, 1] == pytest.approx(1.0)  # by magnitude, a sign flip is full agreement
         assert m[0, 2] < 0.6
+
+
+class _LayoutRecorder(nn.Module):
+    """Records, per call, whether the batch reaching the model is stored channels_last (channel stride 1)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.channels_last = model, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.channels_last.append(x.stride(1) == 1 and x.shape[0] > 1)
+        return self.model(x)
+
+
+@pytest.mark.parametrize("name", ["deletion", "pixel_flipping", "faithfulness", "road", "infidelity"])
+def test_metric_copies_reach_the_model_in_the_inputs_layout(name):
+    """The metrics' perturbed copies of channels_last inputs (xailab's data pipeline) reach the model
+    channels_last, as the explanation methods' do (batching.in_layout), and score as NCHW copies do."""
+    from xailab.metrics.faithfulness import (
+        faithfulness_correlation,
+        infidelity,
+        pixel_flipping_curve,
+        removal_curve,
+        road_curve,
+    )
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    a = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 1, 2])
+    run = {
+        "deletion": lambda m, i: removal_curve(m, i, t, a, n_steps=4, batch_size=8),
+        "pixel_flipping": lambda m, i: pixel_flipping_curve(m, i, t, a, pixels_per_step=16, batch_size=8),
+        "faithfulness": lambda m, i: faithfulness_correlation(
+            m, i, t, a, n_runs=6, subset_size=8, batch_size=8
+        ),
+        "road": lambda m, i: road_curve(m, i, t, a, percentages=(10.0, 50.0), batch_size=8),
+        "infidelity": lambda m, i: infidelity(m, i, t, a, n_samples=4, batch_size=8),
+    }[name]
+    out = {}
+    for layout, inputs in (("nchw", x), ("nhwc", x.clone(memory_format=torch.channels_last))):
+        model = _LayoutRecorder(net)
+        out[layout] = run(model, inputs)
+        assert any(model.channels_last) == (layout == "nhwc"), (layout, model.channels_last)
+    torch.testing.assert_close(out["nhwc"], out["nchw"], rtol=1e-4, atol=1e-5)

@@ -113,7 +113,9 @@ def removal_curve(
 
     chunk = chunk_size(inputs, batch_size, model=model)
     score: Score = "softmax" if softmax else "logit"
-    return score_copies(model, build, targets.repeat_interleave(per_image), chunk, score).view(b, per_image)
+    return score_copies(model, build, targets.repeat_interleave(per_image), chunk, score, like=inputs).view(
+        b, per_image
+    )
 
 
 @register_metric("deletion_auc", better="lower")
@@ -209,7 +211,9 @@ def pixel_flipping_curve(
 
     chunk = chunk_size(inputs, batch_size, model=model)
     score: Score = "softmax" if softmax else "logit"
-    return score_copies(model, build, targets.repeat_interleave(n_steps), chunk, score).view(b, n_steps)
+    return score_copies(model, build, targets.repeat_interleave(n_steps), chunk, score, like=inputs).view(
+        b, n_steps
+    )
 
 
 @register_metric("pixel_flipping", better="lower")
@@ -280,7 +284,9 @@ def faithfulness_correlation(
     chunk = chunk_size(inputs, batch_size, model=model)
     original = target_scores(model, inputs, targets, softmax)
     score: Score = "softmax" if softmax else "logit"
-    perturbed = score_copies(model, build, targets.repeat_interleave(n_runs), chunk, score).view(b, n_runs)
+    perturbed = score_copies(model, build, targets.repeat_interleave(n_runs), chunk, score, like=inputs).view(
+        b, n_runs
+    )
     flat = attributions.flatten(1).double()
     attribution_sums = flat.gather(1, subsets.flatten(1)).view(b, n_runs, -1).sum(2)
     return pearson(attribution_sums, original[:, None].double() - perturbed.double()).float()
@@ -396,7 +402,7 @@ def road_curve(
 
     chunk = chunk_size(inputs, batch_size, model=model)
     kind: Score = "predicted" if score == "accuracy" else "softmax"
-    return score_copies(model, build, targets.repeat_interleave(n_p), chunk, kind).view(b, n_p)
+    return score_copies(model, build, targets.repeat_interleave(n_p), chunk, kind, like=inputs).view(b, n_p)
 
 
 @register_metric("road", better="lower")
@@ -490,7 +496,7 @@ def infidelity(
     chunk = chunk_size(inputs, batch_size, model=model)
     original = target_scores(model, inputs, targets, softmax).double()
     score: Score = "softmax" if softmax else "logit"
-    perturbed = score_copies(model, build, targets.repeat_interleave(n), chunk, score)
+    perturbed = score_copies(model, build, targets.repeat_interleave(n), chunk, score, like=inputs)
     drops = original[:, None] - perturbed.view(b, n).double()
     explained = (perturbations.double() * attributions.double()[:, None]).flatten(2).sum(2)  # [B, S]
     if normalise:
