@@ -738,6 +738,21 @@ def test_in_place_activations_after_rule_layers_give_the_same_maps():
         torch.testing.assert_close(got, expected, msg=composite)
 
 
+def test_rules_on_layers_that_return_their_input():
+    """A user composite may give a rule to a pass-through layer that returns its input itself (dropout in eval
+    mode, identity): the pass rule there changes nothing, so the maps equal those without it."""
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Identity(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    plain = {"conv": "epsilon", "linear": "epsilon"}
+    expected = explain(model, x, "lrp", torch.tensor([0, 1]), reduce=None, composite=plain)
+    for key in ("Dropout", "Identity"):
+        got = explain(model, x, "lrp", torch.tensor([0, 1]), reduce=None, composite={**plain, key: "pass"})
+        torch.testing.assert_close(got, expected, msg=key)
+
+
 def test_the_canonical_copy_has_its_own_modules_and_shares_the_unmerged_tensors():
     """The copy is built module by module (not by deepcopy): new module objects with their own parameter,
     submodule and hook tables, the model's tensors where nothing was merged, the model untouched."""

@@ -7,11 +7,14 @@ by ``explain``. How it works, in three parts after Zennit's design (without impo
   autograd; additions, concatenations, pooling and the like need no rule at all.
 - ``composites``: which rule each layer gets — a named composite (``COMPOSITES``) or the user's mapping
   from module path, ``"first"``, layer type or category to rule.
-- ``canonizers``: a deep copy with batch norms merged, built after one probe pass on the user's model.
+- ``canonizers``: a copy of the model's modules (sharing its tensors) with batch norms merged, built after
+  one probe pass of one image on the user's model.
 
 The relevance of each image starts as its ``target`` logit and, with LRP-0 on a network without biases, sums
 back to it exactly (conservation); biases, epsilon and the batch norms that cannot be merged absorb a share.
-Images are explained in chunks of ``internal_batch_size``, one forward and one backward pass per chunk.
+Images are explained in chunks of ``internal_batch_size``, one forward and one backward pass per chunk; a
+rule layer adds a few element-wise passes over its output (``rules``), about what the batch norms merged
+away cost input x gradient.
 """
 
 from __future__ import annotations

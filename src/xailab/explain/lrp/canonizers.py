@@ -1,7 +1,8 @@
 """Canonisation: a copy of the model in the form LRP rules assume, with the same outputs.
 
 The user's model is never changed: one probe forward pass of one image runs on it with scoped hooks (removed
-also when it raises), and the changes are made to a deep copy. What the probe finds:
+also when it raises), and the changes are made to a copy of its modules (``canonical_copy``). What the probe
+finds:
 
 - which layers read the model input (directly or through parameter-free operations: a channel repeat, a
   max-pool branch) — they get a composite's ``"first"`` rule;

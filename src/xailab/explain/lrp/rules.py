@@ -393,7 +393,10 @@ class RuleLayer(nn.Module):
         with torch.set_grad_enabled(self.rule.reuses_output):
             z = self.module(x)
         terms = self.rule.terms(self.module, x, z)
-        value = z.detach().clone() if self.rule.reuses_output else z
+        # RuleGradient hands on a tensor of the layer's own: not the graph's output z, not the input or a view
+        # of it (an identity, flatten or dropout layer given a rule explicitly)
+        shares_input = z.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        value = z.detach().clone() if self.rule.reuses_output or shares_input else z
         coefs = tuple(coef for coef, _ in terms)
         scales = tuple(stabilized_ratio(value, z_k.detach(), eps) for _, z_k in terms)
         return RuleGradient.apply(value, coefs, scales, *(z_k for _, z_k in terms))
