@@ -445,3 +445,18 @@ def test_the_target_class_is_chosen_in_fp32(cache):
         expected = model.fc.weight.detach().abs()[fp32_classes]  # [6, 16]
         torch.testing.assert_close(maps, expected, rtol=1e-2, atol=1e-3)  # bf16-rounded weights
         assert not torch.allclose(maps, model.fc.weight.detach().abs()[2].expand_as(maps), atol=1e-2)
+
+
+def test_the_inputs_layout_is_part_of_the_decision():
+    """Explanation chunks are timed in the layout the copies reach the model in (the inputs'), so a decision
+    for NCHW inputs is not reused for channels_last ones (one channel: told apart by the channel stride)."""
+    x = torch.randn(4, 1, 8, 8)
+    nhwc = x.clone(memory_format=torch.channels_last)
+    assert not autotune.inputs_channels_last(x) and autotune.inputs_channels_last(nhwc)
+    assert not autotune.inputs_channels_last(torch.randn(4, 3, 1, 1).clone(memory_format=torch.channels_last))
+    assert not autotune.inputs_channels_last(None)
+    model, cpu = Tiny(), torch.device("cpu")
+    plain = autotune._key_fields(model, (1, 8, 8), cpu, 64, x)
+    last = autotune._key_fields(model, (1, 8, 8), cpu, 64, nhwc)
+    assert plain["channels_last_inputs"] is False and last["channels_last_inputs"] is True
+    assert autotune.cache_path(plain)[0] != autotune.cache_path(last)[0]
