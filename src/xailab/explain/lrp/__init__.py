@@ -158,7 +158,7 @@ def lrp(
         if found.autocast is not None
         else contextlib.nullcontext()
     )
-    size = internal_batch_size or default_batch_size(inputs, grad=True)
+    size = internal_batch_size or default_batch_size(inputs, grad=True, model=model)  # as input x gradient
     if size < 1:
         raise ConfigError(f"internal_batch_size={size} must be positive")
     relevance = torch.empty_like(inputs)
