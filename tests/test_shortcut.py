@@ -415,3 +415,18 @@ def test_a_shortcut_cell_explains_only_the_methods_of_its_model_and_the_trust_ta
     rows = {row["method"]: row for row in table["rows"]}
     assert rows["saliency"]["na"] is None and rows["saliency"]["localisation"]
     assert rows["attention_rollout"]["na"] == "n/a — needs attention, tokens"
+
+
+def test_sanity_verdict_reads_the_metric_then_the_per_method_check_then_the_cells():
+    from xailab.report.shortcut import sanity_verdict
+
+    curves = {"method": "lrp", "layers": ["a", "b"], "mean_spearman": [0.8, 0.6], "mean_ssim": [0.5, 0.4]}
+    rec = {
+        "quality": {"saliency": {"model_randomisation": {"mean": 0.24}}},
+        "sanity_by_method": {"lrp": curves},
+        "sanity": {**curves, "method": "gradcam", "mean_spearman": [0.3, 0.05]},
+    }
+    assert sanity_verdict(rec, "saliency", 0.5) == {"passes": True, "text": "0.24", "how": "mean over layers"}
+    assert sanity_verdict(rec, "lrp", 0.5) == {"passes": False, "text": "0.60", "how": "all layers random"}
+    assert sanity_verdict(rec, "gradcam", 0.5) == {"passes": True, "text": "0.05", "how": "all layers random"}
+    assert sanity_verdict(rec, "occlusion", 0.5)["text"] == "not checked"

@@ -54,13 +54,17 @@ def sanity_verdict(rec: Record, method: str, threshold: float) -> dict[str, Any]
     quality = rec.get("quality") or {}
     score = (quality.get(method) or {}).get(SANITY_METRIC)
     if score and score.get("mean") is not None and not math.isnan(score["mean"]):
-        return {"passes": abs(score["mean"]) < threshold, "text": f"{score['mean']:.2f} (mean over layers)"}
+        return {
+            "passes": abs(score["mean"]) < threshold,
+            "text": f"{score['mean']:.2f}",
+            "how": "mean over layers",
+        }
     sanity = (rec.get("sanity_by_method") or {}).get(method) or rec.get("sanity") or {}
     if sanity.get("method") == method and sanity.get("mean_spearman"):
         final = sanity["mean_spearman"][-1]
         if final is not None and not math.isnan(final):
-            return {"passes": abs(final) < threshold, "text": f"{final:.2f} (all layers random)"}
-    return {"passes": None, "text": "not checked"}
+            return {"passes": abs(final) < threshold, "text": f"{final:.2f}", "how": "all layers random"}
+    return {"passes": None, "text": "not checked", "how": ""}
 
 
 def trust_table(
