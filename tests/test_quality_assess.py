@@ -65,11 +65,16 @@ def test_scores_json_is_the_assessment_record(digits_run, tmp_path):
     assert record.methods == ("saliency",) and len(record.per_image["saliency"]["sparseness"]) == 4
 
 
-def test_the_engine_returns_data_and_the_report_draws_it(tmp_path):
+def tiny_conv() -> torch.nn.Module:
+    """A conv + linear model for 1x8x8 inputs and 3 classes, from seed 0, in eval mode."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
+    return torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 64, 3)
     ).eval()
+
+
+def test_the_engine_returns_data_and_the_report_draws_it(tmp_path):
+    model = tiny_conv()
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     record = assess(
         model, x, None, ["saliency", "gradcam"], ["deletion_auc", "sparseness", "model_randomisation"],
@@ -96,10 +101,7 @@ def test_legends_name_the_parameters_the_user_set():
     """Two assessments of lrp under two composites must not both read "lrp" in the sanity figure."""
     from xailab.report.assessment import curves_figure, sanity_figure
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 64, 3)
-    ).eval()
+    model = tiny_conv()
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     record = assess(
         model, x, None, ["lrp", "saliency"], ["deletion_auc", "model_randomisation"], n_examples=1,

@@ -26,6 +26,9 @@ from xailab.io import read_json, write_json
 
 CELL_RECORD_VERSION = 2
 QUADRANTS = ("TP", "FP", "TN", "FN")  # a binary task's outcomes, the positive class being class index 1
+ALL_METHODS = (
+    "all"  # ``sanity_method: all``: the sanity check of every method that applies to the cell's model
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -87,9 +87,10 @@ def in_layout(batch: Tensor, channels_last: bool) -> Tensor:
     else unchanged; the values are the same.
 
     Copies built from channels_last inputs come out NCHW when the layout is ambiguous (elementwise ops on one
-    channel), and a model then runs its convolutions in NCHW, slower on CPUs (mnist_cnn on a 2-core AVX2 EPYC: bare passes 1.2-1.3x, docs/benchmarks.md). Copies
-    are therefore stored as the caller's inputs are, as Captum's and lime's copies are; the caller's model
-    is never converted. One channel: the same bytes with the channel stride set to 1 (a view, no copy).
+    channel), and a model then runs its convolutions in NCHW, slower on CPUs (mnist_cnn on a 2-core AVX2
+    EPYC: bare passes 1.2-1.3x, docs/benchmarks.md). Copies are therefore stored as the caller's inputs are,
+    as Captum's and lime's copies are; the caller's model is never converted. One channel: the same bytes
+    with the channel stride set to 1 (a view, no copy).
     """
     if not channels_last or inputs_channels_last(batch) or batch.ndim != 4:
         return batch
@@ -121,13 +122,15 @@ def score_copies(
     targets: Tensor,
     chunk: int,
     score: Score = "logit",
-    like: Tensor | None = None,
+    *,
+    like: Tensor | None,
 ) -> Tensor:
     """Scores of ``len(targets)`` copies, built and evaluated ``chunk`` at a time.
 
     ``build(idx)``: the copies with flat indices ``idx`` ``[k]`` as ``[k, C, H, W]``; ``targets`` ``[N]``:
     the class scored for each flat index. ``like``: the inputs the copies are made from; the copies reach the
-    model stored in their layout (``in_layout``). Returns float ``[N]`` (see ``scores_from_logits``).
+    model stored in their layout (``in_layout``; required so that no caller forgets it; None leaves the copies
+    as ``build`` makes them). Returns float ``[N]`` (see ``scores_from_logits``).
     """
     channels_last = like is not None and inputs_channels_last(like)
     return torch.cat(

@@ -24,7 +24,7 @@ import jinja2
 
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
-from xailab.records import QUADRANTS, CellRecord, read_cell_record
+from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
 from xailab.report.shortcut import report_context as ground_truth_context
 
@@ -197,7 +197,7 @@ def sanity_rows(records: Sequence[Record], method: str = "") -> list[dict[str, A
     rows: list[dict[str, Any]] = []
     for rec in records:
         s = rec.section("sanity")
-        na = not_applicable(rec, method) if method and method != "all" else None
+        na = not_applicable(rec, method) if method and method != ALL_METHODS else None
         if na is not None:
             rows.append({"cell": rec.cell, "method": method, "na": na})
         if not s:

@@ -44,9 +44,16 @@ from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.io import atomic_write, remove_orphans
 from xailab.metrics.assessment import Assessment, assess
 from xailab.models import create_model, model_input_size, random_init_options, size_options
-from xailab.records import CELL_RECORD_VERSION, QUADRANTS, CellRecord, SkippedMethod, read_cell_record
+from xailab.records import (
+    ALL_METHODS,
+    CELL_RECORD_VERSION,
+    QUADRANTS,
+    CellRecord,
+    SkippedMethod,
+    read_cell_record,
+)
 from xailab.report.assessment import sanity_overlay_figure
-from xailab.study.spec import ALL_METHODS, StudySpec
+from xailab.study.spec import StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, train
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta

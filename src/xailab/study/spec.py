@@ -17,9 +17,8 @@ from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
 from xailab.metrics.base import METRICS, MetricPrecision
 from xailab.models.base import MODELS
+from xailab.records import ALL_METHODS
 from xailab.train.config import TrainConfig
-
-ALL_METHODS = "all"  # ``sanity_method: all``: check every method that applies to the cell's model
 
 
 @dataclass(frozen=True)
