@@ -115,7 +115,26 @@ def test_clear_losers_cost_one_small_probe_and_the_sweep_stops_past_the_peak(cac
     assert bf16_calls and all(c.batch == 2 for c in bf16_calls)  # the stage-0 probe (16 / 8), nothing more
     assert all(not c.channels_last for _, c in timer.calls)  # the model's own layout only
     batches = [c.batch for _, c in timer.calls if c.precision == "fp32"]
-    assert batches == [2, 16, 32, 64, 128, 256]  # 128 and 256 slower than 64: stop, 512 never tried
+    sweep = [2, 16, 32, 64, 128, 256]  # 128 and 256 slower than 64: stop, 512 never tried
+    assert batches == sweep + [64, 32, 128] * autotune.CONFIRM_ROUNDS  # the three fastest, interleaved
+
+
+def test_the_confirmation_rounds_undo_a_lucky_call_of_the_sweep(cache):
+    """A drift of the machine during the sweep (the call timing 32 images ran at twice the speed) would pick
+    32; re-timed in interleaved rounds, the median picks the truly fastest chunk, 64."""
+    seen: dict[int, int] = {}
+
+    def drifting(pass_name: str, c: Config) -> float:
+        seen[c.batch] = seen.get(c.batch, 0) + 1
+        lucky = c.precision == "fp32" and c.batch == 32 and seen[32] == 1
+        return avx2_like(pass_name, c) * (0.5 if lucky else 1)
+
+    tuning = tune(Tiny(), (1, 8, 8), passes=("forward",), timer=FakeTimer(drifting), cache_dir=cache)
+    assert seen[32] == 1 + autotune.CONFIRM_ROUNDS
+    assert tuning.choices["forward"].batch == 64
+    assert tuning.timings["forward"][Config("fp32", False, 32)] == avx2_like(
+        "forward", Config("fp32", False, 32)
+    )
 
 
 def test_a_second_call_measures_nothing(cache):
@@ -380,7 +399,8 @@ def test_the_exact_fp32_mode_gets_its_own_chunk_when_bf16_wins(cache):
     tuning = tune(model, x.shape, passes=autotune.EXPLAIN_PASSES, timer=timer, sample=x)
     assert tuning.bf16_accurate and tuning.choices["forward"] == Config("bf16", False, 32)
     fp32_sweep = [c.batch for p, c in timer.calls if p == "forward" and c.precision == "fp32"]
-    assert fp32_sweep == [2, 16, 32, 64, 128, 256, 512]  # past the peak at 128 by two sizes
+    # past the peak at 128 by two sizes, then the three fastest re-timed
+    assert fp32_sweep == [2, 16, 32, 64, 128, 256, 512] + [128, 64, 256] * autotune.CONFIRM_ROUNDS
     assert autotune.chunk_size(model, x, grad=False, precision="bf16") == 32
     assert autotune.chunk_size(model, x, grad=False, precision="fp32") == 128
     assert autotune.chunk_size(model, x, grad=True, precision="fp32") == 128  # cap 256 with gradients
