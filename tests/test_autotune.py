@@ -13,6 +13,7 @@ from torch import nn
 
 from xailab import autotune
 from xailab.autotune import Config, choose, tune
+from xailab.autotune import busy_load as real_busy_load
 from xailab.device import bf16_is_fast
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,6 +73,7 @@ def cache(tmp_path, monkeypatch):
     """A private cache dir (also as XAILAB_CACHE_DIR) with autotuning switched on."""
     monkeypatch.setenv("XAILAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("XAILAB_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "busy_load", lambda device: None)  # the machine's load must not matter
     return tmp_path / "autotune"
 
 
@@ -480,3 +482,27 @@ def test_the_inputs_layout_is_part_of_the_decision():
     last = autotune._key_fields(model, (1, 8, 8), cpu, 64, nhwc)
     assert plain["channels_last_inputs"] is False and last["channels_last_inputs"] is True
     assert autotune.cache_path(plain)[0] != autotune.cache_path(last)[0]
+
+
+def test_a_decision_measured_on_a_busy_machine_is_flagged_and_measured_again_once_quiet(
+    cache, monkeypatch, caplog
+):
+    """A load average above the CPUs (other work competing) flags the decision with a warning; while the
+    machine stays busy the flagged decision is read from the cache, and the first tuning on a quiet machine
+    measures again and clears the flag."""
+    monkeypatch.setattr(autotune, "busy_load", real_busy_load)  # the real one, on a fake load average
+    load = [autotune.usable_cpus() + 2.0]
+    monkeypatch.setattr(autotune.os, "getloadavg", lambda: (load[0], load[0], load[0]))
+    busy_timer, again_timer, quiet_timer = FakeTimer(avx2_like), FakeTimer(avx2_like), FakeTimer(avx2_like)
+    with caplog.at_level(logging.WARNING, logger="xailab.autotune"):
+        first = tune(Tiny(), (1, 8, 8), passes=("forward",), timer=busy_timer, cache_dir=cache)
+    assert busy_timer.calls and first.busy_load == load[0]
+    assert any("while the machine is busy" in r.getMessage() for r in caplog.records)
+    assert json.loads(first.path.read_text())["busy_load"] == load[0]
+    still_busy = tune(Tiny(), (1, 8, 8), passes=("forward",), timer=again_timer, cache_dir=cache)
+    assert again_timer.calls == [] and still_busy.cached and still_busy.busy_load == load[0]
+    load[0] = 0.3
+    quiet = tune(Tiny(), (1, 8, 8), passes=("forward",), timer=quiet_timer, cache_dir=cache)
+    assert quiet_timer.calls and quiet.busy_load is None and not quiet.cached
+    assert json.loads(quiet.path.read_text())["busy_load"] is None
+    assert autotune.busy_load(torch.device("meta")) is None  # accelerators: the CPU load says nothing

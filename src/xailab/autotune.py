@@ -22,7 +22,9 @@ else seeded noise), is at least ``RANK_GUARD``; the target is chosen in fp32.
 
 Decisions are cached as JSON under ``<cache dir>/autotune/`` (``XAILAB_CACHE_DIR``), keyed by an
 architecture fingerprint (module types and shapes, not weights), the input shape, the device name and the
-torch version, so a machine measures once. ``XAILAB_AUTOTUNE=0`` (or ``autotune=False``) turns it off and
+torch version, so a machine measures once — unless it was busy then: a decision measured while the load
+average exceeded the CPUs is flagged (``busy_load``, with a warning) and measured again by the first tuning
+that finds the machine quiet. ``XAILAB_AUTOTUNE=0`` (or ``autotune=False``) turns it off and
 the fixed rules of ``xailab.device`` apply; explicit settings always win over both. What the rest of
 xailab asks: ``train_settings`` (training), ``explain_precision`` (explanations), ``metric_precision``
 (metrics' fast mode) and ``chunk_size`` (images per call of copies).
@@ -59,6 +61,7 @@ Precision = Literal["fp32", "bf16"]
 PASSES: tuple[Pass, ...] = ("train_step", "forward", "input_grad")
 EXPLAIN_PASSES: tuple[Pass, ...] = ("forward", "input_grad")
 BATCHES = (16, 32, 64, 128, 256, 512, 1024, 2048)  # candidate chunk sizes (the first is also stage 1's)
+BUSY_MARGIN = 0.5  # a load average this far above the CPUs flags a decision as measured on a busy machine
 CONFIRM_TOP, CONFIRM_ROUNDS = 3, 2  # chunk sizes re-timed after a sweep, interleaved (see _confirm)
 PROBE_FRACTION = 8  # stage 0 probes each candidate at 1/8 of the stage-1 batch
 # A candidate this many times slower per image than the best probe is not timed at the full batch; loose,
@@ -201,6 +204,7 @@ class Tuning:
     seconds: float = 0.0
     path: Path | None = None
     cached: bool = False
+    busy_load: float | None = None  # the load average when measured, where it exceeded the CPUs (else None)
     choices: dict[str, Config] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -259,6 +263,7 @@ class Tuning:
             "fields": self.fields,
             "rank_correlation": self.rank_correlation,
             "seconds": round(self.seconds, 3),
+            "busy_load": self.busy_load,
             "passes": {
                 p: {
                     "choice": asdict(self.choices[p]),
@@ -293,7 +298,12 @@ class Tuning:
             if not table:
                 raise ValueError(f"no timings for {p}")
             timings[p] = table
-        return cls(key, dict(fields), timings, rank, float(d.get("seconds", 0.0)), path, cached=True)
+        busy = d.get("busy_load")
+        if busy is not None and not isinstance(busy, int | float):
+            raise ValueError(f"busy_load {busy!r} is not a number")
+        return cls(
+            key, dict(fields), timings, rank, float(d.get("seconds", 0.0)), path, cached=True, busy_load=busy
+        )
 
     def table(self) -> str:
         """The measured table as text: one line per pass and configuration, the choice marked."""
@@ -640,6 +650,28 @@ def cache_path(fields: Mapping[str, Any], cache_dir: str | Path | None = None) -
     return key, folder / f"{safe}-{key}.json"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def busy_load(device: torch.device) -> float | None:
+    """The 1-minute load average when it exceeds this process's CPUs by ``BUSY_MARGIN`` (other work is
+    competing for them), else None; None on accelerators and where the OS has no load average.
+
+    Other processes slow the candidates unevenly (a 2-core VM running a training beside the tuning timed
+    mnist_cnn's channels_last step 18x slower than NCHW, when quiet it is 1.4x faster), so a decision
+    measured then is flagged, and measured again by the first tuning that finds the machine quiet.
+    """
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    return load if load > usable_cpus() + BUSY_MARGIN else None
+
+
 def _read_cache(path: Path, key: str, fields: Mapping[str, Any]) -> Tuning | None:
     """The cached Tuning at ``path``, or None (with a warning when the file exists but is unusable)."""
     if not path.is_file():
@@ -689,11 +721,29 @@ def tune(
     fields = _key_fields(model, input_shape, device, train_batch, sample)
     key, path = cache_path(fields, cache_dir)
     cached = None if refresh else _read_cache(path, key, fields)
+    busy = busy_load(device)
+    if cached is not None and cached.busy_load is not None and busy is None:
+        logger.info(
+            "autotune: %s was measured while the machine was busy (load %.1f); measuring again now that it is quiet",
+            path,
+            cached.busy_load,
+        )
+        cached = None
     if cached is not None and all(p in cached.timings for p in passes):
         logger.debug("autotune cache hit %s", path)
         return cached
     timings = dict(cached.timings) if cached is not None else {}
     rank = cached.rank_correlation if cached is not None else None
+    if busy is not None:
+        logger.warning(
+            "autotune: measuring %s while the machine is busy (load average %.1f on %d CPUs): other work slows "
+            "the candidates unevenly, so this choice may be off; it is measured again once the machine is "
+            "quiet (or now: `xailab speed --model %s --refresh`)",
+            fields["model"],
+            busy,
+            usable_cpus(),
+            fields["model"],
+        )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bench = _Bench(model, input_shape, device, sample)
@@ -726,7 +776,8 @@ def tune(
                 allow_bf16(choose(timings[p]))  # the guard whenever bf16 is the fastest
     spent = time.perf_counter() - start
     seconds = spent + (cached.seconds if cached is not None else 0.0)
-    tuning = Tuning(key, fields, timings, rank, seconds, path)
+    was_busy = busy if busy is not None else (cached.busy_load if cached is not None else None)
+    tuning = Tuning(key, fields, timings, rank, seconds, path, busy_load=was_busy)
     write_json(path, tuning.to_dict())
     logger.info(
         "autotuned %s %s on %s in %.1f s (%.1f s timing candidates, budget %.1f s): %s",
