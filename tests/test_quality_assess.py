@@ -119,3 +119,78 @@ def test_legends_name_the_parameters_the_user_set():
     ):
         texts = {t.get_text() for t in figure.axes[0].get_legend().get_texts()}
         assert texts == {"lrp (composite=epsilon)", "saliency"}
+
+
+def _assess_tiny(model, x, parts, **overrides):
+    kwargs = dict(
+        model_name="tiny", metric_params={"n_steps": 4}, n_examples=2, resume_dir=parts,
+        method_params={"smoothgrad": {"n_samples": 4}},
+    )  # fmt: skip
+    metrics = ["deletion_auc", "sparseness", "model_randomisation"]
+    return assess(model, x, None, ["saliency", "smoothgrad"], metrics, **{**kwargs, **overrides})
+
+
+def test_a_killed_assessment_resumes_at_the_method_it_was_on(tmp_path, monkeypatch):
+    """The first run dies inside its second method; the rerun reads the first method's part (no
+    explanation, no metric of it is computed again), computes the second, and the record equals an
+    uninterrupted run's."""
+    from xailab.metrics import assessment as engine
+
+    model, parts = tiny_conv(), tmp_path / "parts"
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = _assess_tiny(model, x, None)
+    real, explained = engine.chunked_explain, []
+
+    def dying(explain_fn, model, inputs, targets, batch_size):
+        explained.append(explain_fn)
+        if len(explained) == 2:
+            raise KeyboardInterrupt  # the process killed inside the second method
+        return real(explain_fn, model, inputs, targets, batch_size)
+
+    monkeypatch.setattr(engine, "chunked_explain", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _assess_tiny(model, x, parts)
+    assert sorted(p.name for p in parts.iterdir()) == ["saliency.json", "saliency.safetensors"]
+    counted = []
+    monkeypatch.setattr(engine, "chunked_explain", lambda *a: counted.append(1) or real(*a))
+    resumed = _assess_tiny(model, x, parts)
+    assert len(counted) == 1  # smoothgrad only: saliency came from its part
+    assert resumed.per_image == whole.per_image and resumed.curves == whole.curves
+    assert resumed.sanity == whole.sanity and resumed.scores == whole.scores
+    assert all(torch.equal(resumed.maps[m], whole.maps[m]) for m in whole.maps)
+    assert all(torch.equal(resumed.sanity_maps[m], whole.sanity_maps[m]) for m in whole.sanity_maps)
+
+
+@pytest.mark.parametrize("change", ["weights", "inputs", "seed", "method_params", "unreadable"])
+def test_a_part_of_another_request_or_unreadable_is_computed_again(tmp_path, monkeypatch, change):
+    from xailab.metrics import assessment as engine
+
+    model, parts = tiny_conv(), tmp_path / "parts"
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    _assess_tiny(model, x, parts)
+    overrides: dict = {}
+    if change == "weights":
+        with torch.no_grad():
+            model[0].weight[0, 0, 0, 0] += 1.0
+    elif change == "inputs":
+        x = x.clone()
+        x[0, 0, 0, 0] += 1.0
+    elif change == "seed":
+        overrides["seed"] = 1
+    elif change == "method_params":
+        overrides["method_params"] = {"smoothgrad": {"n_samples": 5}}
+    else:
+        (parts / "saliency.safetensors").write_bytes(b"not a safetensors file")
+    real, counted = engine.chunked_explain, []
+    monkeypatch.setattr(engine, "chunked_explain", lambda *a: counted.append(1) or real(*a))
+    _assess_tiny(model, x, parts, **overrides)
+    expected = {"weights": 2, "inputs": 2, "seed": 2, "method_params": 1, "unreadable": 1}[change]
+    assert len(counted) == expected
+
+
+def test_assess_run_removes_its_parts_once_the_record_is_written(digits_run, tmp_path):
+    from xailab.api import ASSESS_PARTS_DIR, assess_run
+
+    out = tmp_path / "a"
+    assess_run(digits_run, out, methods=["saliency"], metrics=["sparseness"], n=3, data_dir=None)
+    assert (out / "scores.json").is_file() and not (out / ASSESS_PARTS_DIR).exists()

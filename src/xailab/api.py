@@ -23,7 +23,7 @@ from xailab.explain.export import explain_to_disk
 from xailab.explain.figures import CMAP, normalise_map, overlay
 from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
-from xailab.metrics.assessment import assess
+from xailab.metrics.assessment import assess, remove_parts
 from xailab.metrics.base import MetricPrecision
 from xailab.models import create_model, list_models, model_input_size, model_table, random_init_options
 from xailab.report.assessment import write_assessment
@@ -145,6 +145,9 @@ def read_images(paths: Sequence[str | Path], image_size: tuple[int, int], channe
 
 # Formats a server accepts from strangers: the common ones, so Pillow's rarer parsers never see uploads.
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+ASSESS_PARTS_DIR = (
+    ".assessment-parts"  # ``assess_run`` keeps finished methods here until its record is written
+)
 MAX_UPLOAD_PIXELS = 25_000_000  # 5000x5000; below Pillow's own bomb warning (~89M pixels)
 
 
@@ -350,8 +353,10 @@ def assess_run(
         batch_size=batch_size,
         seed=seed,
         precision=metric_precision,
+        resume_dir=Path(out_dir) / ASSESS_PARTS_DIR,  # a killed `xailab assess` resumes method by method
     )
     write_assessment(record, out_dir)
+    remove_parts(Path(out_dir) / ASSESS_PARTS_DIR)
     return record.to_json()
 
 

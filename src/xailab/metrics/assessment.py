@@ -10,19 +10,25 @@ frozen dataclasses with a versioned JSON form (``Assessment.to_json`` / ``Assess
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from xailab.config import from_dict
 from xailab.errors import ConfigError
 from xailab.explain.base import preserved_state, resolve_target
+from xailab.io import atomic_write, read_json, write_json
 from xailab.metrics.agreement import agreement_matrix
 from xailab.metrics.base import (
     DEFAULT_METRICS,
@@ -41,6 +47,7 @@ from xailab.metrics.faithfulness import removal_curve, trapezoid
 from xailab.metrics.randomisation import RandomisationResult, model_randomisation
 
 ASSESSMENT_VERSION = 1
+PART_VERSION = 1  # of the per-method parts a resumable assessment keeps (``MethodPart``)
 # computed from their curves
 CURVE_METRICS: dict[str, Literal["deletion", "insertion"]] = {
     "deletion_auc": "deletion",
@@ -175,6 +182,93 @@ def _curve_params(mode: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return chosen
 
 
+@dataclass(frozen=True)
+class MethodPart:
+    """What the assessment found for one method: its maps ``[N, 1, H, W]``, explanation seconds per image,
+    mean removal curves, per-image scores, and (when checked) its sanity curves and maps ``[L + 1, E, 1, H, W]``.
+    The unit a killed assessment resumes from (``assess(..., resume_dir=)``)."""
+
+    seconds: float
+    curves: dict[str, tuple[float, ...]]
+    per_image: dict[str, tuple[float, ...]]
+    sanity: SanityCurves | None
+    map: Tensor
+    sanity_maps: Tensor | None
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (any dtype, any device, any layout)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def _part_key(request: Mapping[str, Any]) -> str:
+    """The key of one method's part: everything that decides its numbers (tensors by digest)."""
+
+    def encode(o: Any) -> Any:
+        return tensor_digest(o) if isinstance(o, Tensor) else repr(o)
+
+    blob = json.dumps({"version": PART_VERSION, **request}, sort_keys=True, default=encode)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _part_paths(folder: Path, method: str) -> tuple[Path, Path]:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", method)
+    return folder / f"{safe}.json", folder / f"{safe}.safetensors"
+
+
+def save_part(folder: Path, method: str, key: str, part: MethodPart) -> None:
+    """Write ``part`` atomically: its tensors, then the JSON that marks it complete (keyed by ``key``)."""
+    meta, tensors = _part_paths(folder, method)
+    blobs = {"map": part.map.contiguous()}
+    if part.sanity_maps is not None:
+        blobs["sanity_maps"] = part.sanity_maps.contiguous()
+    atomic_write(tensors, lambda p: save_file(blobs, str(p)))
+    write_json(
+        meta,
+        {
+            "version": PART_VERSION,
+            "method": method,
+            "key": key,
+            "seconds": part.seconds,
+            "curves": part.curves,
+            "per_image": part.per_image,
+            "sanity": dataclasses.asdict(part.sanity) if part.sanity is not None else None,
+        },
+    )
+
+
+def load_part(folder: Path, method: str, key: str) -> MethodPart | None:
+    """The part ``save_part`` wrote for ``method`` under ``key``, or None when there is none, it was written
+    for another request, or it cannot be read (then it is computed again)."""
+    meta, tensors = _part_paths(folder, method)
+    try:
+        d = read_json(meta)
+        if d.get("key") != key or d.get("version") != PART_VERSION or d.get("method") != method:
+            return None
+        blobs = load_file(str(tensors))
+        sanity = from_dict(SanityCurves, d["sanity"], where=str(meta)) if d["sanity"] is not None else None
+        return MethodPart(
+            seconds=float(d["seconds"]),
+            curves={k: tuple(v) for k, v in d["curves"].items()},
+            per_image={k: tuple(float(x) for x in v) for k, v in d["per_image"].items()},
+            sanity=sanity,
+            map=blobs["map"],
+            sanity_maps=blobs.get("sanity_maps"),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError, SafetensorError):
+        return None
+
+
+def remove_parts(folder: str | Path) -> None:
+    """Delete a resumable assessment's parts once its record is written."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _sanity_curves(method: str, result: RandomisationResult) -> SanityCurves:
     return SanityCurves(
         method,
@@ -203,6 +297,7 @@ def assess(
     n_examples: int = 4,
     agreement: bool | None = None,
     precision: MetricPrecision = "fp32",
+    resume_dir: str | Path | None = None,
 ) -> Assessment:
     """Assess ``methods`` on ``inputs`` ``[N, C, H, W]`` (normalised as the model expects) for ``targets``
     ``[N]`` (None: the predicted classes) by ``metrics``; the record of what was found.
@@ -215,6 +310,11 @@ def assess(
     same run), seeded with ``sanity_seed``, keeping ``n_examples`` images' maps. ``agreement`` between the
     methods' maps is computed when True (None: with two methods or more). ``precision``: of the metrics'
     forward passes of perturbed copies (``fp32`` exact; ``auto`` the fast mode; see ``xailab.metrics.base``).
+    ``resume_dir``: a folder where each method's finished part is kept (``save_part``: tensors + JSON, written
+    atomically, keyed by the model's weights, the inputs, targets and every setting that decides the part); a
+    later call with the same request reads those parts instead of computing them, so a killed assessment
+    restarts at the method it was on. The caller removes the folder once its record is written
+    (``remove_parts``).
     """
     method_params = dict(method_params or {})
     metric_params = dict(metric_params or {})
@@ -235,15 +335,16 @@ def assess(
     sanity: dict[str, SanityCurves] = {}
     sanity_maps: dict[str, Tensor] = {}
     fast: ForwardMode | None = None  # how the removal curves run their forward passes
-    for method in methods:
+
+    def run_method(method: str) -> MethodPart:
+        nonlocal fast
         explain_fn = explainers[method]
         start = time.perf_counter()
         with preserved_state(model):
             attributions = chunked_explain(explain_fn, model, inputs, target_t, batch_size)
-        seconds[method] = (time.perf_counter() - start) / inputs.shape[0]
-        maps[method] = attributions.cpu()
+        spent = (time.perf_counter() - start) / inputs.shape[0]
         scores: dict[str, Tensor] = {}
-        curves[method] = {}
+        mean_curves: dict[str, tuple[float, ...]] = {}
         for name, mode in CURVE_METRICS.items():
             if name in metrics:
                 fast = fast or forward_mode(model, inputs, precision)  # resolved once
@@ -251,14 +352,15 @@ def assess(
                 with preserved_state(model), fast.applied(model):
                     curve = removal_curve(model, inputs, target_t, attributions, mode, **curve_kwargs)
                 scores[name] = trapezoid(curve, 1.0 / (curve.shape[1] - 1)).float().cpu()
-                curves[method][mode] = tuple(curve.mean(0).tolist())
+                mean_curves[mode] = tuple(curve.mean(0).tolist())
+        checked, checked_maps = None, None
         if method in sanity_methods:
             result = model_randomisation(
                 model, inputs[:k], target_t[:k], explain_fn=explain_fn, attributions=attributions[:k],
                 order=metric_params.get("order", "top_down"), batch_size=batch_size,
                 n_examples=n_examples, seed=sanity_seed,
             )  # fmt: skip
-            sanity[method], sanity_maps[method] = _sanity_curves(method, result), result.maps
+            checked, checked_maps = _sanity_curves(method, result), result.maps
             if k == inputs.shape[0] and sanity_seed == RANDOMISATION_SEED:  # the metric's own run
                 scores["model_randomisation"] = result.spearman.nanmean(0)
         rest = [m for m in other if m not in scores]
@@ -270,7 +372,39 @@ def assess(
                         model, inputs, target_t, attributions, rest, explain_fn, seed, precision, **kwargs
                     )
                 )
-        per_image[method] = {m: tuple(scores[m].tolist()) for m in metrics}
+        return MethodPart(
+            spent,
+            mean_curves,
+            {m: tuple(scores[m].tolist()) for m in metrics},
+            checked,
+            attributions.cpu(),
+            checked_maps,
+        )
+
+    parts_dir = Path(resume_dir) if resume_dir is not None else None
+    common: dict[str, Any] = {}
+    if parts_dir is not None:
+        with torch.no_grad():
+            weights = tensor_digest(*model.state_dict().values())
+        common = dict(
+            weights=weights, inputs=tensor_digest(inputs), targets=tensor_digest(target_t), metrics=list(metrics),
+            metric_params=metric_params, seed=seed, sanity_images=k, sanity_seed=sanity_seed,
+            n_examples=n_examples, precision=precision,
+        )  # fmt: skip
+    for method in methods:
+        part, key = None, ""
+        if parts_dir is not None:
+            request = {**common, "method": method, "params": method_params.get(method, {})}
+            key = _part_key({**request, "sanity": method in sanity_methods})
+            part = load_part(parts_dir, method, key)
+        if part is None:
+            part = run_method(method)
+            if parts_dir is not None:
+                save_part(parts_dir, method, key, part)
+        seconds[method], maps[method], curves[method] = part.seconds, part.map, part.curves
+        per_image[method] = part.per_image
+        if part.sanity is not None and part.sanity_maps is not None:
+            sanity[method], sanity_maps[method] = part.sanity, part.sanity_maps
     rows = tuple(
         ScoreRow(model_name, method, metric, **stats, better=METRICS.get(metric).better)
         for method in methods

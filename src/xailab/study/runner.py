@@ -42,7 +42,7 @@ from xailab.explain.base import explain, model_capabilities, resolve_method
 from xailab.explain.figures import overlay, save_figure, to_rgb
 from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.io import atomic_write, remove_orphans
-from xailab.metrics.assessment import Assessment, assess
+from xailab.metrics.assessment import Assessment, assess, remove_parts
 from xailab.models import create_model, model_input_size, random_init_options, size_options
 from xailab.records import (
     ALL_METHODS,
@@ -79,6 +79,8 @@ CELL_DEFINING_KEYS = frozenset(
 )
 # Gallery tiles are upscaled (nearest neighbour) to about this size, so 8x8 digits stay crisp.
 TILE_PIXELS = 96
+# A cell's assessment keeps each finished method here until the cell's record is written (resumable).
+PARTS_DIR = "assessment-parts"
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     data = assess_cell(spec, cell, run, dataset, cell_dir, quadrants=True)
     record = CellRecord.from_dict(data, where=f"{cell.name}:")
     record.write(cell_dir)
+    remove_parts(cell_dir / PARTS_DIR)
     return {**record.to_dict(), "skipped": False}
 
 
@@ -468,6 +471,7 @@ def assess_cell(
         n_examples=1,
         agreement=True,
         precision=spec.metric_precision,
+        resume_dir=cell_dir / PARTS_DIR,  # a killed study resumes inside the assessment, method by method
     )
     maps = dict(assessment.maps)
     tensors = {f"map.{m}": t.contiguous() for m, t in maps.items()}
