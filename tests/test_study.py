@@ -52,6 +52,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
         ({"sanity_method": "lime"}, ["sanity_method 'lime' is not one of the study's methods"]),
         ({"models": []}, ["models: give at least one", "keras_cnn"]),
         ({"models": "keras_cnn", "n_gallery": "4"}, ["n_gallery: expected int"]),
+        ({"model_train": {"resnet18": {"epochs": 2}}}, ["model_train", "'resnet18' is not in the study"]),
+        ({"model_train": {"keras_cnn": {"epochz": 2}}}, ["model_train.keras_cnn: unknown key 'epochz'"]),
+        ({"model_train": {"keras_cnn": {"epochs": "2"}}}, ["model_train.keras_cnn.epochs", "expected int"]),
+        (
+            {"model_train": {"keras_cnn": {"dataset": "mnist"}}},
+            ["model_train.keras_cnn.dataset cannot be set"],
+        ),
+        (
+            {"model_train": {"keras_cnn": {"model_options": {"stride": 2}}}},
+            ["model_train.keras_cnn.model_options is not read", "model_options"],
+        ),
     ],
 )
 def test_bad_spec_names_the_key(changes, expected):
@@ -59,6 +70,23 @@ def test_bad_spec_names_the_key(changes, expected):
         spec_from_dict(tiny(**changes), where="study tiny")
     for text in expected:
         assert text in str(e.value)
+
+
+def test_model_train_replaces_the_shared_recipe_for_that_model_only():
+    """A per-model budget (a ViT needs more epochs than a CNN): the other model's cells keep the shared
+    recipe and their keys, so their finished records stay valid."""
+    shared = tiny(models=["keras_cnn", "mnist_cnn"], option_grid={})
+    per_model = tiny(
+        models=["keras_cnn", "mnist_cnn"],
+        option_grid={},
+        model_train={"mnist_cnn": {"epochs": 5, "lr": 0.01}},
+    )
+    a, b = spec_from_dict(shared), spec_from_dict(per_model)
+    cells_a, cells_b = expand_cells(a), expand_cells(b)
+    assert [c.config.epochs for c in cells_b] == [3, 5] and cells_b[1].config.lr == 0.01
+    assert cells_b[0].config == cells_a[0].config and cells_b[1].config.batch_size == 64  # the rest shared
+    assert cell_key(b, cells_b[0]) == cell_key(a, cells_a[0])
+    assert cell_key(b, cells_b[1]) != cell_key(a, cells_a[1])
 
 
 def test_study_file_errors_name_the_file(tmp_path):

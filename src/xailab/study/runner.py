@@ -70,6 +70,7 @@ CELL_DEFINING_KEYS = frozenset(
         "datasets",
         "models",
         "train",
+        "model_train",
         "model_options",
         "option_grid",
         "dataset_options",
@@ -111,6 +112,7 @@ def expand_cells(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
                 config = TrainConfig.from_dict(
                     {
                         **spec.train,
+                        **spec.model_train.get(model, {}),
                         "model": model,
                         "dataset": dataset,
                         "data_dir": data_dir,

@@ -25,7 +25,9 @@ from xailab.train.config import TrainConfig
 class StudySpec:
     """Everything that decides a study.
 
-    ``train``: `TrainConfig` fields shared by every cell (not ``model``/``dataset``). ``model_options``:
+    ``train``: `TrainConfig` fields shared by every cell (not ``model``/``dataset``). ``model_train``: per
+    model, `TrainConfig` fields that replace ``train``'s for that model's cells (architectures need their own
+    budget: ``{"vit_tiny": {"epochs": 8}}``). ``model_options``:
     fixed options per model, e.g. ``{"keras_cnn": {"padding": "same"}}``; ``option_grid``: per model, option
     -> list of values, every combination becoming its own cell (``{"keras_cnn": {"stride": [1, 2, 3]}}``).
     ``dataset_roots``: read a dataset from this folder instead of the data dir, e.g.
@@ -44,6 +46,7 @@ class StudySpec:
     methods: list[str]
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
+    model_train: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     option_grid: dict[str, Any] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +109,20 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
     from_dict(
         TrainConfig, {"model": models[0], "dataset": datasets[0], **spec.train}, where=f"{where}: train"
     )
+    _per_name(f"{where}: model_train", spec.model_train, models)
+    for model, overrides in spec.model_train.items():
+        for key in ("model", "dataset"):
+            if key in overrides:
+                raise ConfigError(f"{where}: model_train.{model}.{key} cannot be set: the cell decides it")
+        for key, instead in (("model_options", "model_options"), ("dataset_options", "dataset_options"),
+                             ("dataset_root", "dataset_roots")):  # fmt: skip
+            if key in overrides:
+                raise ConfigError(f"{where}: model_train.{model}.{key} is not read; set it under {instead}")
+        from_dict(
+            TrainConfig,
+            {**spec.train, **overrides, "model": model, "dataset": datasets[0]},
+            where=f"{where}: model_train.{model}",
+        )
     _per_name(f"{where}: model_options", spec.model_options, models)
     _per_name(f"{where}: dataset_options", spec.dataset_options, datasets)
     for dataset, options in spec.dataset_options.items():  # a misspelt option is never ignored
