@@ -114,7 +114,8 @@ def test_clear_losers_cost_one_small_probe_and_the_sweep_stops_past_the_peak(cac
     timer = FakeTimer(avx2_like)
     tune(Tiny(), (1, 8, 8), passes=("forward",), timer=timer, cache_dir=cache)
     bf16_calls = [c for _, c in timer.calls if c.precision == "bf16"]
-    assert bf16_calls and all(c.batch == 2 for c in bf16_calls)  # the stage-0 probe (16 / 8), nothing more
+    # a one-image screen, nothing more: 8x slower than fp32's stage-0 probe (16 / 8 = 2 images)
+    assert [c.batch for c in bf16_calls] == [1]
     assert all(not c.channels_last for _, c in timer.calls)  # the model's own layout only
     batches = [c.batch for _, c in timer.calls if c.precision == "fp32"]
     sweep = [2, 16, 32, 64, 128, 256]  # 128 and 256 slower than 64: stop, 512 never tried
@@ -375,8 +376,11 @@ def test_the_cost_is_bounded_by_the_budget_and_logged(cache, monkeypatch, caplog
     timer = Clocked(flat)
     with caplog.at_level(logging.INFO, logger="xailab.autotune"):
         tuning = tune(Tiny(), (1, 8, 8), timer=timer, cache_dir=cache / "bounded", budget_s=4.0)
-    probes = sum(c.batch in (2, 4) for _, c in timer.calls)  # stage 0: 1/8 of 16 (explaining), 32 (training)
-    assert probes == 8
+    # stage 0: probes at 1/8 of 16 (explaining) and 32 (training), and one-image screens of the others
+    probes = sum(c.batch in (1, 2, 4) for _, c in timer.calls)
+    assert (
+        probes == 9
+    )  # training: 2 fp32 probes + 3 screens (fp32 passes on, bf16 x2 do not); 2 + 2 explaining
     bound = 4.0 + probes + len(autotune.PASSES)  # the budget, the probes, one candidate per pass
     assert tuning.seconds == now[0] == len(timer.calls) <= bound < len(free.calls)
     assert set(tuning.choices) == set(autotune.PASSES)  # every pass still gets a choice
@@ -433,7 +437,7 @@ def test_a_precision_that_lost_early_takes_the_chosen_chunk_not_its_probe(cache)
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     model = Tiny()
     tuning = tune(model, x.shape, passes=autotune.EXPLAIN_PASSES, timer=FakeTimer(avx2_like), sample=x)
-    assert [c.batch for c in tuning.timings["forward"] if c.precision == "bf16"] == [2]  # its probe only
+    assert [c.batch for c in tuning.timings["forward"] if c.precision == "bf16"] == [1]  # its screen only
     assert autotune.chunk_size(model, x, grad=False, precision="bf16") == 64  # an explicit bf16: fp32's
     assert tuning.chunk("forward", "fp32") == tuning.choices["forward"].batch == 64
 
