@@ -508,7 +508,7 @@ def _measure_pass(
     timings: dict[Config, float] = {}
     # Stage 0, a probe of every candidate at a few images: a clear loser (bf16 emulated on an AVX2 CPU runs
     # ~8x slower) costs one small call instead of calls at the full batch.
-    probes = {}
+    probes: dict[Config, float] = {}
     # Training chooses the layout; explanations run the model in the layout it has (they never convert a
     # caller's model), so their candidates keep it.
     layouts = (False, True) if pass_name == "train_step" else (model_is_channels_last(bench.model),)
