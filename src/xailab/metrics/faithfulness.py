@@ -71,6 +71,33 @@ def removal_ranks(
     return segment_rank.gather(1, labels), counts
 
 
+def swapped_scores(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    rank: Tensor,
+    counts: Tensor,
+    start: Tensor,
+    end: Tensor,
+    softmax: bool,
+    batch_size: int | None,
+) -> Tensor:
+    """The target's score (probability with ``softmax``, else logit) of one copy per ``counts`` ``[B, S]``
+    entry: the pixels whose ``rank`` ``[B, H * W]`` is below the count show ``end``, the others ``start``
+    (both ``[B, C, H, W]``) -> ``[B, S]``. The one kernel of the deletion, insertion and pixel-flipping
+    curves: copies are built chunk by chunk, never all at once."""
+    b, s = counts.shape
+
+    def build(idx: Tensor) -> Tensor:
+        image = idx // s
+        swapped = rank[image] < counts[image, idx % s][:, None]
+        return torch.where(swapped.view(len(idx), 1, *inputs.shape[2:]), end[image], start[image])
+
+    chunk = chunk_size(inputs, batch_size, model=model)
+    score: Score = "softmax" if softmax else "logit"
+    return score_copies(model, build, targets.repeat_interleave(s), chunk, score, like=inputs).view(b, s)
+
+
 def trapezoid(curve: Tensor, dx: float = 1.0) -> Tensor:
     """Area under each row of ``curve`` ``[B, S]`` by the trapezoidal rule with spacing ``dx``: ``[B]``."""
     if curve.shape[1] < 2:
@@ -98,24 +125,12 @@ def removal_curve(
     Units are pixels, or superpixels when ``segments`` is given (see ``removal_ranks``).
     """
     check_positive(n_steps=n_steps)
-    b = inputs.shape[0]
     rank, units = removal_ranks(attributions, segments, grid, inputs)
     steps = torch.arange(n_steps + 1, device=inputs.device)
     removed_count = torch.round(steps[None, :] * units[:, None].double() / n_steps).long()  # [B, S+1]
     fill = baseline_images(inputs, baseline)
     start, end = (inputs, fill) if mode == "deletion" else (fill, inputs)
-    per_image = n_steps + 1
-
-    def build(idx: Tensor) -> Tensor:
-        image = idx // per_image
-        swapped = rank[image] < removed_count[image, idx % per_image][:, None]
-        return torch.where(swapped.view(len(idx), 1, *inputs.shape[2:]), end[image], start[image])
-
-    chunk = chunk_size(inputs, batch_size, model=model)
-    score: Score = "softmax" if softmax else "logit"
-    return score_copies(model, build, targets.repeat_interleave(per_image), chunk, score, like=inputs).view(
-        b, per_image
-    )
+    return swapped_scores(model, inputs, targets, rank, removed_count, start, end, softmax, batch_size)
 
 
 @register_metric("deletion_auc", better="lower")
@@ -203,17 +218,8 @@ def pixel_flipping_curve(
     n_steps = -(-h * w // pixels_per_step)
     rank, _ = removal_ranks(attributions)
     fill = baseline_images(inputs, baseline)
-
-    def build(idx: Tensor) -> Tensor:
-        image = idx // n_steps
-        removed = rank[image] < ((idx % n_steps + 1) * pixels_per_step)[:, None]
-        return torch.where(removed.view(len(idx), 1, h, w), fill[image], inputs[image])
-
-    chunk = chunk_size(inputs, batch_size, model=model)
-    score: Score = "softmax" if softmax else "logit"
-    return score_copies(model, build, targets.repeat_interleave(n_steps), chunk, score, like=inputs).view(
-        b, n_steps
-    )
+    flipped = ((torch.arange(n_steps, device=inputs.device) + 1) * pixels_per_step).expand(b, -1)
+    return swapped_scores(model, inputs, targets, rank, flipped, inputs, fill, softmax, batch_size)
 
 
 @register_metric("pixel_flipping", better="lower")
