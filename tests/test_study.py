@@ -317,6 +317,26 @@ def test_changed_settings_redo_only_what_they_affect(tmp_path):
         run_cell(CellTask(other, cell_other, str(tmp_path)))
 
 
+def test_redo_trains_a_changed_cell_again_and_names_unknown_cells(tmp_path, capsys):
+    """A recipe changed on purpose: the refusal names ``--redo <cell>``; ``redo`` deletes that cell's folder
+    first and it is trained with the new recipe; a misspelt cell is refused before anything is deleted."""
+    base = tiny(option_grid={}, n_misclassified=0, sanity_method="")
+    run_study(spec_from_dict(base), out=tmp_path, progress=False)
+    changed = {**base, "train": {**base["train"], "lr": 0.01}}
+    (cell,) = expand_cells(spec_from_dict(changed))
+    with pytest.raises(CheckpointError, match=f"--redo {cell.name}"):
+        run_study(spec_from_dict(changed), out=tmp_path, progress=False)
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump({**changed, "name": "tiny"}))
+    argv = ["run", str(path), "--out", str(tmp_path), "--redo", "keras__digits"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "redo: 'keras__digits' not a cell of tiny" in err and cell.name in err and "Traceback" not in err
+    assert (tmp_path / "tiny" / cell.name / "record.json").is_file()  # nothing deleted
+    assert main(["run", str(path), "--out", str(tmp_path), "--redo", cell.name]) == 0
+    assert read_json(tmp_path / "tiny" / cell.name / "record.json")["train_config"]["lr"] == 0.01
+
+
 def test_record_holds_what_the_report_needs(tmp_path):
     spec = spec_from_dict(tiny(option_grid={}))
     (cell,) = expand_cells(spec)

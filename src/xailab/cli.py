@@ -363,6 +363,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         data_dir=args.data_dir,
         command=shlex.join(["xailab", *args.argv]),
+        redo=args.redo,
     )
     print(f"report: {report} (and results.csv, results.md next to it)")
     return 0
@@ -502,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking", choices=api.list_trackers(), help="log params, metrics, models and the report"
     )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: a file store <out>/mlruns)")
+    p.add_argument(
+        "--redo",
+        action="append",
+        default=[],
+        metavar="CELL",
+        help="delete this cell's folder first, so it is trained and assessed again (repeatable)",
+    )
     p.add_argument("--data-dir", help="folder of datasets (default: $XAILAB_DATA_DIR or ~/.cache/xailab)")
     p.add_argument("--list", action="store_true", help="list the bundled studies and exit")
     p.set_defaults(func=cmd_run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from xailab.device import cpu_name, resolve_device
+from xailab.errors import ConfigError
 from xailab.io import folder_lock, remove_orphans, write_json
 from xailab.registry import Registry
 from xailab.study.executors import EXECUTORS
@@ -113,6 +115,7 @@ def run_study(
     progress: bool = True,
     callbacks: Sequence[Any] = (),
     command: str | None = None,
+    redo: Sequence[str] = (),
 ) -> Path:
     """Run every cell of ``study`` into ``<out>/<study name>/`` and write the report there; returns the path
     of ``report.html``.
@@ -121,7 +124,8 @@ def run_study(
     The study folder is locked while it runs: a second process on it gets a ``LockedError``.
     ``executor``: ``local`` or ``ray`` (``address`` of an existing cluster, else a local one);
     ``tracking``: ``mlflow`` (``tracking_uri``, default a file store ``<out>/mlruns``); ``callbacks``: training
-    callbacks of every cell (local executor).
+    callbacks of every cell (local executor). ``redo``: cells (by name) whose folders are deleted first, so
+    they are trained and assessed again — after their recipe was changed on purpose, for instance.
     """
     from xailab.report import build_report  # report reads records only; imported here to keep layers clear
 
@@ -129,9 +133,17 @@ def run_study(
     run_executor = EXECUTORS.get(executor)
     cells = expand_cells(spec, data_dir)
     check_methods_apply(spec, cells)  # a method that applies to no model fails now, not after training
+    names = [c.name for c in cells]
+    unknown = [r for r in redo if r not in names]
+    if unknown:
+        raise ConfigError(
+            f"redo: {', '.join(map(repr, unknown))} not a cell of {spec.name}; its cells: {', '.join(names)}"
+        )
     study_dir = Path(out) / spec.name
     with folder_lock(study_dir, "study folder"):  # a second `xailab run` on it stops with a clear error
         remove_orphans(study_dir)
+        for name in dict.fromkeys(redo):
+            shutil.rmtree(study_dir / name, ignore_errors=True)
         write_json(
             study_dir / "study.json",
             {

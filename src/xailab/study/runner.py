@@ -282,7 +282,8 @@ def train_cell(
     if meta.config_hash != config_hash(cell.config):
         raise CheckpointError(
             f"{cell_dir} holds a run of another recipe (config hash {meta.config_hash} != "
-            f"{config_hash(cell.config)}); delete that folder or run the study with another --out"
+            f"{config_hash(cell.config)}); run the study with --redo {cell.name} (deletes that folder first) or with "
+            "another --out"
         )
     if (
         meta.status == "finished"
