@@ -188,9 +188,27 @@ def test_a_part_of_another_request_or_unreadable_is_computed_again(tmp_path, mon
     assert len(counted) == expected
 
 
-def test_assess_run_removes_its_parts_once_the_record_is_written(digits_run, tmp_path):
-    from xailab.api import ASSESS_PARTS_DIR, assess_run
+def test_assess_resumes_a_killed_run_says_so_and_removes_its_parts(digits_run, tmp_path, monkeypatch, capsys):
+    from xailab.api import ASSESS_PARTS_DIR
+    from xailab.metrics import assessment as engine
 
     out = tmp_path / "a"
-    assess_run(digits_run, out, methods=["saliency"], metrics=["sparseness"], n=3, data_dir=None)
+    argv = ["assess", str(digits_run), "--n", "3", "--methods", "saliency,gradcam", "--metrics", "sparseness"]
+    real, calls = engine.chunked_explain, []
+
+    def dying(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(engine, "chunked_explain", dying)
+    assert main([*argv, "--out", str(out)]) != 0  # Ctrl-C: the CLI stops with a message, no traceback
+    assert (out / ASSESS_PARTS_DIR / "saliency.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(engine, "chunked_explain", lambda *a: calls.append(1) or real(*a))
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resuming: finished before: saliency" in capsys.readouterr().err
+    assert len(calls) == 1  # gradcam only
     assert (out / "scores.json").is_file() and not (out / ASSESS_PARTS_DIR).exists()
