@@ -145,9 +145,8 @@ def read_images(paths: Sequence[str | Path], image_size: tuple[int, int], channe
 
 # Formats a server accepts from strangers: the common ones, so Pillow's rarer parsers never see uploads.
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
-ASSESS_PARTS_DIR = (
-    ".assessment-parts"  # ``assess_run`` keeps finished methods here until its record is written
-)
+# ``assess_run`` keeps finished methods here until its record is written
+ASSESS_PARTS_DIR = ".assessment-parts"
 MAX_UPLOAD_PIXELS = 25_000_000  # 5000x5000; below Pillow's own bomb warning (~89M pixels)
 
 

@@ -287,9 +287,8 @@ def cmd_assess(args: argparse.Namespace) -> int:
     params = _method_params(args, methods)
     parts = Path(args.out) / api.ASSESS_PARTS_DIR
     finished = sorted(p.stem for p in parts.glob("*.json")) if parts.is_dir() else []
-    if (
-        finished
-    ):  # a killed assessment of this folder: what it finished is read back if the request is the same
+    # A killed assessment of this folder: what it finished is read back if the request is the same.
+    if finished:
         print(f"resuming: finished before: {', '.join(finished)} ({parts})", file=sys.stderr)
     report = api.assess_run(
         args.run,
