@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from assess_helpers import ExplainCalls
 from xailab.cli import main
 from xailab.errors import ConfigError
 from xailab.metrics import Assessment, assess, summarise
@@ -134,27 +135,16 @@ def test_a_killed_assessment_resumes_at_the_method_it_was_on(tmp_path, monkeypat
     """The first run dies inside its second method; the rerun reads the first method's part (no
     explanation, no metric of it is computed again), computes the second, and the record equals an
     uninterrupted run's."""
-    from xailab.metrics import assessment as engine
-
     model, parts = tiny_conv(), tmp_path / "parts"
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     whole = _assess_tiny(model, x, None)
-    real, explained = engine.chunked_explain, []
-
-    def dying(explain_fn, model, inputs, targets, batch_size):
-        explained.append(explain_fn)
-        if len(explained) == 2:
-            raise KeyboardInterrupt  # the process killed inside the second method
-        return real(explain_fn, model, inputs, targets, batch_size)
-
-    monkeypatch.setattr(engine, "chunked_explain", dying)
+    ExplainCalls(monkeypatch, die_at=2)  # killed inside the second method
     with pytest.raises(KeyboardInterrupt):
         _assess_tiny(model, x, parts)
     assert sorted(p.name for p in parts.iterdir()) == ["saliency.json", "saliency.safetensors"]
-    counted = []
-    monkeypatch.setattr(engine, "chunked_explain", lambda *a: counted.append(1) or real(*a))
+    calls = ExplainCalls(monkeypatch)
     resumed = _assess_tiny(model, x, parts)
-    assert len(counted) == 1  # smoothgrad only: saliency came from its part
+    assert calls.count == 1  # smoothgrad only: saliency came from its part
     assert resumed.per_image == whole.per_image and resumed.curves == whole.curves
     assert resumed.sanity == whole.sanity and resumed.scores == whole.scores
     assert all(torch.equal(resumed.maps[m], whole.maps[m]) for m in whole.maps)
@@ -163,8 +153,6 @@ def test_a_killed_assessment_resumes_at_the_method_it_was_on(tmp_path, monkeypat
 
 @pytest.mark.parametrize("change", ["weights", "inputs", "seed", "method_params", "unreadable"])
 def test_a_part_of_another_request_or_unreadable_is_computed_again(tmp_path, monkeypatch, change):
-    from xailab.metrics import assessment as engine
-
     model, parts = tiny_conv(), tmp_path / "parts"
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     _assess_tiny(model, x, parts)
@@ -181,34 +169,23 @@ def test_a_part_of_another_request_or_unreadable_is_computed_again(tmp_path, mon
         overrides["method_params"] = {"smoothgrad": {"n_samples": 5}}
     else:
         (parts / "saliency.safetensors").write_bytes(b"not a safetensors file")
-    real, counted = engine.chunked_explain, []
-    monkeypatch.setattr(engine, "chunked_explain", lambda *a: counted.append(1) or real(*a))
+    calls = ExplainCalls(monkeypatch)
     _assess_tiny(model, x, parts, **overrides)
     expected = {"weights": 2, "inputs": 2, "seed": 2, "method_params": 1, "unreadable": 1}[change]
-    assert len(counted) == expected
+    assert calls.count == expected
 
 
 def test_assess_resumes_a_killed_run_says_so_and_removes_its_parts(digits_run, tmp_path, monkeypatch, capsys):
     from xailab.api import ASSESS_PARTS_DIR
-    from xailab.metrics import assessment as engine
 
     out = tmp_path / "a"
     argv = ["assess", str(digits_run), "--n", "3", "--methods", "saliency,gradcam", "--metrics", "sparseness"]
-    real, calls = engine.chunked_explain, []
-
-    def dying(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(engine, "chunked_explain", dying)
+    ExplainCalls(monkeypatch, die_at=2)
     assert main([*argv, "--out", str(out)]) != 0  # Ctrl-C: the CLI stops with a message, no traceback
     assert (out / ASSESS_PARTS_DIR / "saliency.json").is_file()
-    calls.clear()
-    monkeypatch.setattr(engine, "chunked_explain", lambda *a: calls.append(1) or real(*a))
+    calls = ExplainCalls(monkeypatch)
     capsys.readouterr()
     assert main([*argv, "--out", str(out)]) == 0
     assert "resuming: finished before: saliency" in capsys.readouterr().err
-    assert len(calls) == 1  # gradcam only
+    assert calls.count == 1  # gradcam only
     assert (out / "scores.json").is_file() and not (out / ASSESS_PARTS_DIR).exists()

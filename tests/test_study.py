@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from assess_helpers import ExplainCalls
 from study_helpers import tiny
 from xailab.cli import main
 from xailab.errors import CheckpointError, ConfigError
@@ -261,30 +262,19 @@ def test_killed_study_resumes_without_redoing_or_losing_work(tmp_path):
 def test_a_study_killed_inside_an_assessment_resumes_at_the_method_it_was_on(tmp_path, monkeypatch):
     """Killed while explaining a cell's second method: the rerun trains nothing and explains only the
     methods not finished (saliency's part is read), and the cell's record equals an uninterrupted one's."""
-    from xailab.metrics import assessment as engine
-
     spec = spec_from_dict(tiny(option_grid={}, n_misclassified=0, sanity_method=""))
     (cell,) = expand_cells(spec)
-    real, calls = engine.chunked_explain, []
-
-    def dying(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(engine, "chunked_explain", dying)
+    ExplainCalls(monkeypatch, die_at=2)
     with pytest.raises(KeyboardInterrupt):
         run_study(spec, out=tmp_path, progress=False)
     cell_dir = tmp_path / "tiny" / cell.name
     assert (cell_dir / runner.PARTS_DIR / "saliency.json").is_file() and not (
         cell_dir / "record.json"
     ).exists()
-    calls.clear()
-    monkeypatch.setattr(engine, "chunked_explain", lambda *a: calls.append(1) or real(*a))
+    calls = ExplainCalls(monkeypatch)
     watcher = InterruptSecondCell(epoch=None)
     run_study(spec, out=tmp_path, callbacks=[watcher], progress=False)
-    assert watcher.cells == [] and len(calls) == 1  # no training; gradcam explained, saliency read
+    assert watcher.cells == [] and calls.count == 1  # no training; gradcam explained, saliency read
     assert not (cell_dir / runner.PARTS_DIR).exists()
     straight = run_study(spec, out=tmp_path / "straight", progress=False).parent
     assert (
