@@ -17,9 +17,8 @@ import time
 import torch
 from captum.attr import IntegratedGradients
 
-import xailab
-from xailab import explain, load_dataset
-from xailab.data.transforms import to_model_input
+from common import trained_mnist_batch
+from xailab import explain
 
 
 def main() -> None:
@@ -31,14 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--peer-batch", type=int, default=256, help="Captum's internal_batch_size")
     args = parser.parse_args()
-    run = xailab.load_run(args.mnist_run)
-    model = run.model.float().eval()
-    ds = load_dataset("mnist", data_dir=args.data_dir, image_size=28)
-    x = to_model_input(
-        ds["test"].images[: args.n], torch.tensor(run.mean), torch.tensor(run.std)
-    ).contiguous()
-    with torch.no_grad():
-        t = model(x).argmax(1)
+    model, x, t = trained_mnist_batch(args.mnist_run, args.data_dir, args.n)
     ig = IntegratedGradients(model)
 
     def ours() -> torch.Tensor:

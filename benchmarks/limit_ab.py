@@ -19,9 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-import xailab
-from xailab import explain, load_dataset
-from xailab.data.transforms import to_model_input
+from common import trained_mnist_batch
+from xailab import explain
 from xailab.explain.batching import in_layout
 from xailab.explain.perturbation import window_cover
 
@@ -46,14 +45,7 @@ def main() -> None:
         "--sweep", action="store_true", help="only print bare forward img/s per batch and layout (best of 3)"
     )
     args = parser.parse_args()
-    run = xailab.load_run(args.mnist_run)
-    model = run.model.float().eval()
-    ds = load_dataset("mnist", data_dir=args.data_dir, image_size=28)
-    x = to_model_input(
-        ds["test"].images[: args.n], torch.tensor(run.mean), torch.tensor(run.std)
-    ).contiguous()
-    with torch.no_grad():
-        t = model(x).argmax(1)
+    model, x, t = trained_mnist_batch(args.mnist_run, args.data_dir, args.n)
     h, w = x.shape[2:]
     positions = len(window_cover(h, WINDOW, STRIDE, x.device)) * len(
         window_cover(w, WINDOW, STRIDE, x.device)
