@@ -17,7 +17,7 @@ Recipes:
         --cells cifar10:mobilenetv2,cifar10:efficient_cnn,cifar10:resnet18,fashion_mnist:efficient_cnn \
         --xailab-epochs 10 --seed-epochs 30 --out runs/time-to-accuracy
 
-``--train-limit N`` and ``--xailab-epochs 1 --seed-epochs 1`` make a smoke run. Keep the machine quiet while it
+``--train-limit N --test-limit M`` and ``--xailab-epochs 1 --seed-epochs 1`` make a smoke run. Keep the machine quiet while it
 runs: the figures are wall-clock times.
 """
 
@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from xailab.data import load_dataset
+from xailab.data import Dataset, load_dataset
 from xailab.device import cpu_name  # the processor's model name, as runs record it
 from xailab.io import write_json, write_text
 from xailab.models import model_input_size
@@ -54,12 +55,9 @@ class TimeToAccuracy:
     """A training callback: after each epoch, the test accuracy of the run's best-so-far weights (untimed);
     records the timed seconds and raises ``TargetReached`` when the accuracy reaches ``target``."""
 
-    def __init__(
-        self, dataset: Any, config: TrainConfig, target: float, test_limit: int | None = None
-    ) -> None:
+    def __init__(self, dataset: Any, config: TrainConfig, target: float) -> None:
         self.dataset, self.config, self.target = dataset, config, target
-        test = dataset["test"]
-        self.test = test.subset(torch.arange(min(test_limit, len(test)))) if test_limit else test
+        self.test = dataset["test"]
         self.rows: list[dict[str, Any]] = []
         self.untimed = 0.0
         self.t0 = 0.0
@@ -110,7 +108,6 @@ def recipe_config(
         "epochs": epochs,
         "channels": 3,  # the seed feeds every model 3 channels
         "seed": args.seed,
-        "train_limit": args.train_limit,
         "data_dir": args.data_dir,
     }
     if recipe == "xailab":
@@ -132,16 +129,29 @@ def recipe_config(
     )
 
 
+def smoke_cut(dataset: Dataset, train_limit: int | None, test_limit: int | None) -> Dataset:
+    """``dataset`` with its train split cut to ``train_limit`` images (validation is then held out of those)
+    and its test split to ``test_limit``, evenly spaced through each split (image folders are read class by
+    class): smoke runs, in which every evaluation stays small."""
+    splits = dict(dataset.splits)
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        if limit is not None and limit < len(splits[split]):
+            splits[split] = splits[split].subset(torch.linspace(0, len(splits[split]) - 1, limit).long())
+    return replace(dataset, splits=splits)
+
+
 def run_cell(
     model: str, dataset_name: str, recipe: str, epochs: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Train one cell with one recipe until the claim is reached or the budget ends; its result row."""
     target = SEED_CLAIMS[model][dataset_name]
-    dataset = load_dataset(
-        dataset_name, data_dir=args.data_dir, image_size=model_input_size(model)[0], channels=3
+    dataset = smoke_cut(
+        load_dataset(dataset_name, data_dir=args.data_dir, image_size=model_input_size(model)[0], channels=3),
+        args.train_limit,
+        args.test_limit,
     )
     config = recipe_config(recipe, model, dataset_name, epochs, args)
-    clock = TimeToAccuracy(dataset, config, target, args.test_limit)
+    clock = TimeToAccuracy(dataset, config, target)
     name = f"{model}__{dataset_name}__{recipe}"
     reached = False
     try:
@@ -197,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-epochs", type=int, default=30, help="epoch budget of the seed's recipe")
     parser.add_argument("--seed-augment", choices=("none", "dataset"), default="none")
     parser.add_argument(
-        "--train-limit", type=int, default=None, help="train on this many images (smoke runs)"
+        "--train-limit", type=int, default=None, help="use N of the training images (smoke runs only)"
     )
     parser.add_argument(
-        "--test-limit", type=int, default=None, help="evaluate on the first N test images (smoke runs only)"
+        "--test-limit", type=int, default=None, help="use N of the test images (smoke runs only)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
