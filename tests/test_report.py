@@ -36,6 +36,7 @@ def study_dir(tmp_path_factory) -> Path:
             "models": ["keras_cnn", "mnist_cnn"],
             "model_options": {"keras_cnn": {"image_size": 16}},
             "train": {"epochs": 2, "batch_size": 64, "image_size": 16, "train_limit": 300, "lr": 0.003},
+            "model_train": {"mnist_cnn": {"epochs": 3}},
             "methods": ["saliency", "gradcam", "integrated_gradients"],
             "method_params": {"integrated_gradients": {"n_steps": 8}},
             "metrics": ["sparseness", "deletion_auc", "complexity"],
@@ -91,11 +92,14 @@ def test_every_section_and_image_is_there(study_dir):
     ):
         assert needle in html, needle
     assert "nan%" not in html.lower() and "undefined" not in html.lower()
+    # a per-model budget is said where the shared recipe is (it had read as if every cell trained 2 epochs)
+    assert '<b>mnist_cnn</b> {"epochs": 3}.' in html
 
 
 def test_results_table_files(study_dir):
     rows = list(csv.DictReader((study_dir / "results.csv").open()))
     assert [r["model"] for r in rows] == ["keras_cnn", "mnist_cnn"]
+    assert [r["epochs"] for r in rows] == ["2", "3"]  # model_train's budget for mnist_cnn
     for row in rows:
         record = json.loads((study_dir / f"{row['model']}__digits" / "record.json").read_text())
         assert float(row["accuracy"]) == record["test"]["accuracy"]
