@@ -37,6 +37,7 @@ def study_dir(tmp_path_factory) -> Path:
             "model_options": {"keras_cnn": {"image_size": 16}},
             "train": {"epochs": 2, "batch_size": 64, "image_size": 16, "train_limit": 300, "lr": 0.003},
             "model_train": {"mnist_cnn": {"epochs": 3}},
+            "dataset_train": {"digits": {"lr": 0.004}},
             "methods": ["saliency", "gradcam", "integrated_gradients"],
             "method_params": {"integrated_gradients": {"n_steps": 8}},
             "metrics": ["sparseness", "deletion_auc", "complexity"],
@@ -93,7 +94,7 @@ def test_every_section_and_image_is_there(study_dir):
         assert needle in html, needle
     assert "nan%" not in html.lower() and "undefined" not in html.lower()
     # a per-model budget is said where the shared recipe is (it had read as if every cell trained 2 epochs)
-    assert '<b>mnist_cnn</b> {"epochs": 3}.' in html
+    assert '<b>mnist_cnn</b> {"epochs": 3}.' in html and '<b>digits</b> {"lr": 0.004}.' in html
 
 
 def test_results_table_files(study_dir):

@@ -64,6 +64,23 @@ pytestmark = pytest.mark.usefixtures("single_thread")
             {"model_train": {"keras_cnn": {"model_options": {"stride": 2}}}},
             ["model_train.keras_cnn.model_options is not read", "model_options"],
         ),
+        (
+            {"dataset_train": {"mnist": {"epochs": 2}}},
+            ["dataset_train", "'mnist' is not in the study", "digits"],
+        ),
+        ({"dataset_train": {"digits": {"lr": -1}}}, ["dataset_train.digits.lr"]),
+        ({"dataset_train": {"digits": {"model": "mnist_cnn"}}}, ["dataset_train.digits.model cannot be set"]),
+        (
+            {"dataset_train": {"digits": {"dataset_root": "x"}}},
+            ["dataset_train.digits.dataset_root is not read", "dataset_roots"],
+        ),
+        (
+            {
+                "model_train": {"keras_cnn": {"epochs": 5}},
+                "dataset_train": {"digits": {"epochs": 2, "lr": 0.1}},
+            },
+            ["epochs set in both model_train.keras_cnn and dataset_train.digits", "set it in one of them"],
+        ),
     ],
 )
 def test_bad_spec_names_the_key(changes, expected):
@@ -88,6 +105,23 @@ def test_model_train_replaces_the_shared_recipe_for_that_model_only():
     assert cells_b[0].config == cells_a[0].config and cells_b[1].config.batch_size == 64  # the rest shared
     assert cell_key(b, cells_b[0]) == cell_key(a, cells_a[0])
     assert cell_key(b, cells_b[1]) != cell_key(a, cells_a[1])
+
+
+def test_dataset_train_gives_one_dataset_its_budget_and_composes_with_model_train():
+    """Digits converge in fewer epochs than CIFAR-10: a per-dataset budget for that dataset's cells only,
+    with a model's own settings on top (different keys); the shared recipe's cells keep their keys."""
+    shared = tiny(models=["keras_cnn", "mnist_cnn"], option_grid={})
+    both = tiny(
+        models=["keras_cnn", "mnist_cnn"],
+        option_grid={},
+        dataset_train={"digits": {"epochs": 2, "batch_size": 32}},
+        model_train={"mnist_cnn": {"lr": 0.01}},
+    )
+    cells_a, cells_b = expand_cells(spec_from_dict(shared)), expand_cells(spec_from_dict(both))
+    assert [c.config.epochs for c in cells_b] == [2, 2] and [c.config.batch_size for c in cells_b] == [32, 32]
+    assert [c.config.lr for c in cells_b] == [0.003, 0.01]
+    assert cells_b[0].config.train_limit == cells_a[0].config.train_limit == 256  # the rest shared
+    assert cell_key(spec_from_dict(both), cells_b[0]) != cell_key(spec_from_dict(shared), cells_a[0])
 
 
 def test_study_file_errors_name_the_file(tmp_path):

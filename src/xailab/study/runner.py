@@ -71,6 +71,7 @@ CELL_DEFINING_KEYS = frozenset(
         "models",
         "train",
         "model_train",
+        "dataset_train",
         "model_options",
         "option_grid",
         "dataset_options",
@@ -112,7 +113,8 @@ def expand_cells(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
                 config = TrainConfig.from_dict(
                     {
                         **spec.train,
-                        **spec.model_train.get(model, {}),
+                        **spec.dataset_train.get(dataset, {}),
+                        **spec.model_train.get(model, {}),  # no key is in both (checked)
                         "model": model,
                         "dataset": dataset,
                         "data_dir": data_dir,

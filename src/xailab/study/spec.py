@@ -27,7 +27,9 @@ class StudySpec:
 
     ``train``: `TrainConfig` fields shared by every cell (not ``model``/``dataset``). ``model_train``: per
     model, `TrainConfig` fields that replace ``train``'s for that model's cells (architectures need their own
-    budget: ``{"vit_tiny": {"epochs": 8}}``). ``model_options``:
+    budget: ``{"vit_tiny": {"epochs": 8}}``); ``dataset_train``: the same per dataset (digits converge in fewer
+    epochs than CIFAR-10: ``{"mnist": {"epochs": 4}}``). A key set for both a cell's model and its dataset is
+    refused as ambiguous. ``model_options``:
     fixed options per model, e.g. ``{"keras_cnn": {"padding": "same"}}``; ``option_grid``: per model, option
     -> list of values, every combination becoming its own cell (``{"keras_cnn": {"stride": [1, 2, 3]}}``).
     ``dataset_roots``: read a dataset from this folder instead of the data dir, e.g.
@@ -47,6 +49,7 @@ class StudySpec:
     description: str = ""
     train: dict[str, Any] = field(default_factory=dict)
     model_train: dict[str, Any] = field(default_factory=dict)
+    dataset_train: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     option_grid: dict[str, Any] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +90,26 @@ def _names(where: str, value: Any, registry, allow_empty: bool = False) -> list[
     return list(value)
 
 
+def _check_overrides(
+    where: str, spec: StudySpec, kind: str, names: list[str], model: str, dataset: str
+) -> None:
+    """Validate ``spec.<kind>_train`` (kind ``model`` or ``dataset``): its names are the study's, and each
+    entry's keys are `TrainConfig` fields a cell reads, with values of the right type and range."""
+    field_name = f"{kind}_train"
+    overrides_by_name: dict[str, Any] = getattr(spec, field_name)
+    _per_name(f"{where}: {field_name}", overrides_by_name, names)
+    for name, overrides in overrides_by_name.items():
+        for key in ("model", "dataset"):
+            if key in overrides:
+                raise ConfigError(f"{where}: {field_name}.{name}.{key} cannot be set: the cell decides it")
+        for key, instead in (("model_options", "model_options"), ("dataset_options", "dataset_options"),
+                             ("dataset_root", "dataset_roots")):  # fmt: skip
+            if key in overrides:
+                raise ConfigError(f"{where}: {field_name}.{name}.{key} is not read; set it under {instead}")
+        cell = {"model": name, "dataset": dataset} if kind == "model" else {"model": model, "dataset": name}
+        from_dict(TrainConfig, {**spec.train, **overrides, **cell}, where=f"{where}: {field_name}.{name}")
+
+
 def _per_name(where: str, value: dict[str, Any], valid: list[str]) -> None:
     """Check that every key of a per-model/dataset/method mapping is one of ``valid`` and maps to a mapping."""
     for key, options in value.items():
@@ -109,20 +132,16 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
     from_dict(
         TrainConfig, {"model": models[0], "dataset": datasets[0], **spec.train}, where=f"{where}: train"
     )
-    _per_name(f"{where}: model_train", spec.model_train, models)
-    for model, overrides in spec.model_train.items():
-        for key in ("model", "dataset"):
-            if key in overrides:
-                raise ConfigError(f"{where}: model_train.{model}.{key} cannot be set: the cell decides it")
-        for key, instead in (("model_options", "model_options"), ("dataset_options", "dataset_options"),
-                             ("dataset_root", "dataset_roots")):  # fmt: skip
-            if key in overrides:
-                raise ConfigError(f"{where}: model_train.{model}.{key} is not read; set it under {instead}")
-        from_dict(
-            TrainConfig,
-            {**spec.train, **overrides, "model": model, "dataset": datasets[0]},
-            where=f"{where}: model_train.{model}",
-        )
+    for kind, names in (("model", models), ("dataset", datasets)):
+        _check_overrides(where, spec, kind, names, models[0], datasets[0])
+    for model, by_model in spec.model_train.items():
+        for dataset, by_dataset in spec.dataset_train.items():
+            both = sorted(set(by_model) & set(by_dataset))
+            if both:
+                raise ConfigError(
+                    f"{where}: {', '.join(both)} set in both model_train.{model} and dataset_train.{dataset}: "
+                    f"the {model} x {dataset} cell would not know which to use; set it in one of them"
+                )
     _per_name(f"{where}: model_options", spec.model_options, models)
     _per_name(f"{where}: dataset_options", spec.dataset_options, datasets)
     for dataset, options in spec.dataset_options.items():  # a misspelt option is never ignored
