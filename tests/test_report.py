@@ -97,6 +97,17 @@ def test_every_section_and_image_is_there(study_dir):
     assert '<b>mnist_cnn</b> {"epochs": 3}.' in html and '<b>digits</b> {"lr": 0.004}.' in html
 
 
+def test_a_study_folder_written_before_the_per_model_and_per_dataset_keys_still_renders(study_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(study_dir, old)
+    study = json.loads((old / "study.json").read_text())
+    for key in ("model_train", "dataset_train"):
+        del study["spec"][key]
+    (old / "study.json").write_text(json.dumps(study))
+    html = build_report(old).read_text()
+    assert "Training recipe shared by the cells" in html and "model_train" not in html
+
+
 def test_results_table_files(study_dir):
     rows = list(csv.DictReader((study_dir / "results.csv").open()))
     assert [r["model"] for r in rows] == ["keras_cnn", "mnist_cnn"]

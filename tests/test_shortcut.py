@@ -426,7 +426,55 @@ def test_sanity_verdict_reads_the_metric_then_the_per_method_check_then_the_cell
         "sanity_by_method": {"lrp": curves},
         "sanity": {**curves, "method": "gradcam", "mean_spearman": [0.3, 0.05]},
     }
-    assert sanity_verdict(rec, "saliency", 0.5) == {"passes": True, "text": "0.24", "how": "mean over layers"}
-    assert sanity_verdict(rec, "lrp", 0.5) == {"passes": False, "text": "0.60", "how": "all layers random"}
-    assert sanity_verdict(rec, "gradcam", 0.5) == {"passes": True, "text": "0.05", "how": "all layers random"}
+    assert sanity_verdict(rec, "saliency", 0.5) == {
+        "passes": True,
+        "late": False,
+        "text": "0.24",
+        "how": "mean over layers",
+    }
+    assert sanity_verdict(rec, "lrp", 0.5) == {
+        "passes": False,
+        "late": False,
+        "text": "0.60",
+        "how": "all layers random",
+    }
+    assert sanity_verdict(rec, "gradcam", 0.5) == {
+        "passes": True,
+        "late": False,
+        "text": "0.05",
+        "how": "all layers random",
+    }
     assert sanity_verdict(rec, "occlusion", 0.5)["text"] == "not checked"
+    rec["sanity_by_method"]["rollout"] = {
+        **curves,
+        "method": "rollout",
+        "mean_spearman": [1.0, 0.95, 0.9, 0.4],
+    }
+    assert sanity_verdict(rec, "rollout", 0.5) == {
+        "passes": True,
+        "late": True,
+        "text": "0.40; 0.81 mean over layers",
+        "how": "all layers random",
+    }
+
+
+@pytest.mark.parametrize(
+    ("curve", "passes", "late"),
+    [
+        ([0.3, 0.1, 0.05], True, False),  # the maps change with the first layers
+        ([1.0, 0.99, 0.97, 0.3], True, True),  # unchanged until the last layer: ignores most of the weights
+        ([0.9, 0.8, 0.6], False, False),  # never drops below the threshold
+        (
+            [-0.9, -0.8, -0.3],
+            True,
+            True,
+        ),  # an anti-correlated map is as dependent on the weights as a correlated one
+        ([0.2, float("nan")], False, False),  # no final value: not a pass
+        ([], False, False),
+    ],
+)
+def test_cascade_verdict_flags_maps_that_change_only_at_the_end(curve, passes, late):
+    from xailab.report.shortcut import cascade_verdict
+
+    verdict = cascade_verdict(curve, 0.5)
+    assert (verdict["passes"], verdict["late"]) == (passes, late)

@@ -26,6 +26,7 @@ from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
 from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
+from xailab.report.shortcut import cascade_verdict
 from xailab.report.shortcut import report_context as ground_truth_context
 
 Record = CellRecord
@@ -204,16 +205,14 @@ def sanity_rows(records: Sequence[Record], method: str = "") -> list[dict[str, A
             continue
         by_method = rec.section("sanity_by_method") or {s["method"]: s}
         for name, curves in by_method.items():
-            final = curves["mean_spearman"][-1]
             rows.append(
                 {
                     "cell": rec.cell,
                     "method": name,
                     "layers": len(curves["layers"]),
                     "first": curves["mean_spearman"][0],
-                    "final": final,
                     "final_ssim": curves["mean_ssim"][-1],
-                    "passes": final is not None and not math.isnan(final) and abs(final) < SANITY_THRESHOLD,
+                    **cascade_verdict(curves["mean_spearman"], SANITY_THRESHOLD),
                     "figure": f"{rec.cell}/{s['figure']}" if name == s["method"] else None,
                     "na": None,
                 }

@@ -47,6 +47,21 @@ def best_methods(scores: Mapping[str, Mapping[str, Any]], metric: str, better: s
     return (max if better == "higher" else min)(found)[1]
 
 
+def cascade_verdict(spearman: Sequence[float | None], threshold: float) -> dict[str, Any]:
+    """The verdict of one cascading-randomisation curve (mean Spearman with the trained model's maps after each
+    layer, output first): ``final`` (after every layer) and ``cascade_mean`` (over the layers: the
+    ``model_randomisation`` metric's aggregate); ``passes`` when ``|final| < threshold``; ``late`` when it
+    passes but the mean stays at or above ``threshold`` — maps that ignore most of the weights and change only
+    once the lowest layers are random (attention rollout on a ViT: 1.00 after the head, 0.41 after all)."""
+    values = [v for v in spearman if v is not None and not math.isnan(v)]
+    final = spearman[-1] if spearman else None
+    if final is None or math.isnan(final):
+        return {"final": final, "cascade_mean": None, "passes": False, "late": False}
+    mean = sum(values) / len(values)
+    passes = abs(final) < threshold
+    return {"final": final, "cascade_mean": mean, "passes": passes, "late": passes and abs(mean) >= threshold}
+
+
 def sanity_verdict(rec: Record, method: str, threshold: float) -> dict[str, Any]:
     """Whether ``method``'s maps of cell ``rec`` change when the model is randomised: from the
     ``model_randomisation`` metric (mean |Spearman| over the cascade below ``threshold``) or the cell's
@@ -56,15 +71,24 @@ def sanity_verdict(rec: Record, method: str, threshold: float) -> dict[str, Any]
     if score and score.get("mean") is not None and not math.isnan(score["mean"]):
         return {
             "passes": abs(score["mean"]) < threshold,
+            "late": False,
             "text": f"{score['mean']:.2f}",
             "how": "mean over layers",
         }
     sanity = (rec.get("sanity_by_method") or {}).get(method) or rec.get("sanity") or {}
     if sanity.get("method") == method and sanity.get("mean_spearman"):
-        final = sanity["mean_spearman"][-1]
-        if final is not None and not math.isnan(final):
-            return {"passes": abs(final) < threshold, "text": f"{final:.2f}", "how": "all layers random"}
-    return {"passes": None, "text": "not checked", "how": ""}
+        verdict = cascade_verdict(sanity["mean_spearman"], threshold)
+        if verdict["cascade_mean"] is not None:
+            text = f"{verdict['final']:.2f}"
+            if verdict["late"]:
+                text += f"; {verdict['cascade_mean']:.2f} mean over layers"
+            return {
+                "passes": verdict["passes"],
+                "late": verdict["late"],
+                "text": text,
+                "how": "all layers random",
+            }
+    return {"passes": None, "late": False, "text": "not checked", "how": ""}
 
 
 def trust_table(
