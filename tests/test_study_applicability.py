@@ -100,7 +100,7 @@ def test_report_shows_na_with_the_reason_in_that_cells_tables(study_dir):
     assert re.match(r"\d\.\d{3} \[", vit["attention_rollout"])  # scored where it applies
     sanity = html[html.index('<section id="sanity">') : html.index('<section id="trust">')]
     assert (
-        f'<td>{CNN}</td><td>attention_rollout</td><td class="na" colspan="5">n/a — needs attention, tokens'
+        f'<td>{CNN}</td><td>attention_rollout</td><td class="na" colspan="6">n/a — needs attention, tokens'
         in sanity
     )
     assert f'<td>{VIT}</td><td>attention_rollout</td><td class="num">' in sanity
