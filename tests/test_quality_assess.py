@@ -175,6 +175,27 @@ def test_a_part_of_another_request_or_unreadable_is_computed_again(tmp_path, mon
     assert calls.count == expected
 
 
+def test_finished_parts_names_methods_as_given_and_skips_unreadable_files(tmp_path):
+    """The part files' names are made file-safe (``captum_Saliency``); what a user is told is the method's own
+    name, read from the part."""
+    from xailab.api import ASSESS_PARTS_DIR, unfinished_assessment
+    from xailab.metrics.assessment import MethodPart, finished_parts, save_part
+
+    parts = tmp_path / ASSESS_PARTS_DIR
+    parts.mkdir()
+    part = MethodPart(1.0, {}, {}, None, torch.zeros(1, 1, 2, 2), None)
+    for method in ("saliency", "captum:Saliency"):
+        save_part(parts, method, "key", part)
+    (parts / "broken.json").write_text("{not json")
+    assert sorted(p.name for p in parts.glob("*.json")) == [
+        "broken.json",
+        "captum_Saliency.json",
+        "saliency.json",
+    ]
+    assert finished_parts(parts) == unfinished_assessment(tmp_path) == ["captum:Saliency", "saliency"]
+    assert finished_parts(tmp_path / "none") == []
+
+
 def test_assess_resumes_a_killed_run_says_so_and_removes_its_parts(digits_run, tmp_path, monkeypatch, capsys):
     from xailab.api import ASSESS_PARTS_DIR
 

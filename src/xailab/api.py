@@ -23,7 +23,7 @@ from xailab.explain.export import explain_to_disk
 from xailab.explain.figures import CMAP, normalise_map, overlay
 from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
-from xailab.metrics.assessment import assess, remove_parts
+from xailab.metrics.assessment import assess, finished_parts, remove_parts
 from xailab.metrics.base import MetricPrecision
 from xailab.models import create_model, list_models, model_input_size, model_table, random_init_options
 from xailab.report.assessment import write_assessment
@@ -85,6 +85,7 @@ __all__ = [
     "run_study",
     "speed",
     "train",
+    "unfinished_assessment",
 ]
 
 
@@ -304,6 +305,12 @@ def explain_run(
         params=params,
         precision=precision,
     )
+
+
+def unfinished_assessment(out_dir: str | Path) -> list[str]:
+    """The methods a killed ``assess_run`` into ``out_dir`` had finished (kept as parts, read back when the
+    request is the same); empty when none was killed there."""
+    return finished_parts(Path(out_dir) / ASSESS_PARTS_DIR)
 
 
 def assess_run(

@@ -285,10 +285,10 @@ def cmd_assess(args: argparse.Namespace) -> int:
         metric_precision=args.metric_precision,
     )
     params = _method_params(args, methods)
-    parts = Path(args.out) / api.ASSESS_PARTS_DIR
-    finished = sorted(p.stem for p in parts.glob("*.json")) if parts.is_dir() else []
     # A killed assessment of this folder: what it finished is read back if the request is the same.
+    finished = api.unfinished_assessment(args.out)
     if finished:
+        parts = Path(args.out) / api.ASSESS_PARTS_DIR
         print(f"resuming: finished before: {', '.join(finished)} ({parts})", file=sys.stderr)
     report = api.assess_run(
         args.run,

@@ -264,6 +264,20 @@ def load_part(folder: Path, method: str, key: str) -> MethodPart | None:
         return None
 
 
+def finished_parts(folder: str | Path) -> list[str]:
+    """The methods (their own names, e.g. ``captum:Saliency``) whose parts a killed assessment left in
+    ``folder``, sorted; unreadable files are skipped. Whether each part is used is decided by its key."""
+    methods = []
+    for meta in Path(folder).glob("*.json") if Path(folder).is_dir() else ():
+        try:
+            method = read_json(meta).get("method")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(method, str):
+            methods.append(method)
+    return sorted(methods)
+
+
 def remove_parts(folder: str | Path) -> None:
     """Delete a resumable assessment's parts once its record is written."""
     shutil.rmtree(folder, ignore_errors=True)
