@@ -6,6 +6,9 @@ folder on the import path).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,3 +27,10 @@ def trained_mnist_batch(run_dir: str, data_dir: str, n: int) -> tuple[nn.Module,
     with torch.no_grad():
         targets = model(x).argmax(1)
     return model, x, targets
+
+
+def clock(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (wall clock)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from captum.attr import IntegratedGradients
 
-from common import trained_mnist_batch
+from common import clock, trained_mnist_batch
 from xailab import explain
 
 
@@ -43,9 +42,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"xailab": [], "captum": []}
     for _ in range(args.rounds):
         for name, fn in (("xailab", ours), ("captum", theirs)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock(fn))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.n} images, {args.steps} steps"
     )

@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
-from common import trained_mnist_batch
+from common import clock, trained_mnist_batch
 from xailab import explain
 from xailab.explain.batching import in_layout
 from xailab.explain.perturbation import window_cover
 
 GRID, N_SAMPLES, WINDOW, STRIDE = 7, 500, 8, 4
-
-
-def clock(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
