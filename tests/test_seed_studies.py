@@ -128,6 +128,130 @@ def test_the_chest_xray_study_falls_back_offline():
     assert sorted(offline.models) == ["densenet169", "mobilenetv2_imagenet", "transfer_ensemble"]
     assert all(offline.model_options[m]["pretrained"] is False for m in offline.models)
     assert offline.train["recipe"] == "xray"
+    ensemble = offline.model_options["transfer_ensemble"]  # its backbones: the members' trained weights
+    assert (ensemble["mobilenet_weights"], ensemble["densenet_weights"]) == (
+        "cell:mobilenetv2_imagenet",
+        "cell:densenet169",
+    )
+
+
+def ensemble_study(**changes) -> dict:
+    """The offline chest X-ray layout in small: two members, then the ensemble over their trained weights."""
+    spec = {
+        "name": "members",
+        "datasets": ["digits"],
+        "models": ["mobilenetv2_imagenet", "densenet169", "transfer_ensemble"],
+        "model_options": {
+            "mobilenetv2_imagenet": {"pretrained": False},
+            "densenet169": {"pretrained": False},
+            "transfer_ensemble": {
+                "pretrained": False,
+                "mobilenet_weights": "cell:mobilenetv2_imagenet",
+                "densenet_weights": "cell:densenet169",
+            },
+        },
+        "train": {"epochs": 1, "batch_size": 32, "image_size": 32, "channels": 1, "train_limit": 96},
+        "methods": ["saliency"],
+        "n_explain": 2,
+        "n_gallery": 1,
+        "n_misclassified": 0,
+    }
+    spec.update(changes)
+    return spec
+
+
+def test_the_ensemble_starts_from_its_members_trained_weights(tmp_path, single_thread):
+    spec = spec_from_dict(ensemble_study())
+    run_study(spec, out=tmp_path, progress=False)
+    study = tmp_path / "members"
+    from xailab.train import load_run
+    from xailab.train.runs import read_run_meta
+
+    ensemble = load_run(study / "transfer_ensemble__digits").model
+    meta = read_run_meta(study / "transfer_ensemble__digits")
+    # the run records the reference pinned to the member's recipe, never a path (the folder may move) ...
+    pinned = meta.train.model_options["mobilenet_weights"]
+    assert (
+        pinned
+        == f"cell:mobilenetv2_imagenet@{read_run_meta(study / 'mobilenetv2_imagenet__digits').config_hash}"
+    )
+    # ... and where its backbones' weights came from
+    assert meta.model.weights_source == (
+        f"mobilenetv2_imagenet=xailab run:{study / 'mobilenetv2_imagenet__digits'}; "
+        f"densenet169=xailab run:{study / 'densenet169__digits'}"
+    )
+    # backbones with trained weights are frozen (the seed's layout): they still equal the members' weights
+    # after the head trained, BatchNorm statistics included
+    for backbone, member in (
+        (ensemble.mobilenet, "mobilenetv2_imagenet"),
+        (ensemble.densenet, "densenet169"),
+    ):
+        trained = load_run(study / f"{member}__digits").model.state_dict()
+        own = backbone.state_dict()
+        assert own, member
+        for key, value in own.items():
+            torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=f"{member}: {key}")
+    # the report's results table says which weights the ensemble started from
+    html = (study / "report.html").read_text()
+    assert "mobilenet_weights=cell:mobilenetv2_imagenet densenet_weights=cell:densenet169" in html
+    assert "started from the trained weights of this study" in html
+
+
+def test_a_member_trained_with_another_recipe_changes_the_ensembles_recipe():
+    from xailab.study.runner import expand_cells
+    from xailab.train.loop import config_hash
+
+    base = expand_cells(spec_from_dict(ensemble_study()))
+    changed = expand_cells(spec_from_dict(ensemble_study(model_train={"densenet169": {"lr": 0.01}})))
+    hashes = [[config_hash(c.config) for c in cells] for cells in (base, changed)]
+    assert hashes[0][0] == hashes[1][0]  # the mobilenet member is the same
+    assert hashes[0][1] != hashes[1][1] and hashes[0][2] != hashes[1][2]  # densenet and the ensemble are not
+
+
+def test_the_ensemble_refuses_to_train_before_its_members(tmp_path):
+    from xailab.errors import CheckpointError
+    from xailab.study.runner import expand_cells, resolve_cell_references
+
+    ensemble = expand_cells(spec_from_dict(ensemble_study()))[2]
+    with pytest.raises(
+        CheckpointError, match="needs the weights of cell mobilenetv2_imagenet__digits trained"
+    ):
+        resolve_cell_references(ensemble, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"models": ["transfer_ensemble", "mobilenetv2_imagenet", "densenet169"]}, "must be listed before"),
+        (
+            {"models": ["mobilenetv2_imagenet", "transfer_ensemble"]},
+            "'densenet169' is not one of the study's",
+        ),
+        ({"option_grid": {"densenet169": {"pretrained": [False]}}}, "has an option grid"),
+        (
+            {"train": {"model_options": {"densenet_weights": "cell:densenet169"}}},
+            "a cell reference is per model",
+        ),
+        ({"kind": "shortcut"}, "only a grid study"),
+    ],
+)
+def test_bad_cell_references_are_named(changes, message):
+    from xailab.errors import ConfigError
+
+    data = ensemble_study(**changes)
+    if "densenet169" not in data["models"]:
+        del data["model_options"]["densenet169"]
+    with pytest.raises(ConfigError, match=message):
+        spec_from_dict(data)
+
+
+def test_a_cell_reference_outside_a_study_is_refused():
+    from xailab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"name a study cell.*model\.safetensors"):
+        create_model(
+            "transfer_ensemble", 1, 2, pretrained=False, mobilenet_weights="cell:mobilenetv2_imagenet"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------

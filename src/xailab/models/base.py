@@ -29,6 +29,9 @@ class ModelSpec:
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
+# A weights option set to "cell:<model>" names the trained weights of another cell of the same study: the
+# study runner resolves it (``xailab.study.runner.resolve_cell_references``); a model refuses it elsewhere.
+CELL_REFERENCE = "cell:"
 
 
 def register_model(name: str, input_size: tuple[int, int] = (32, 32), description: str = ""):
@@ -85,13 +88,14 @@ def model_input_size(name: str) -> tuple[int, int]:
 
 
 def random_init_options(name: str) -> dict:
-    """Options that build ``name`` with random weights: ``{"pretrained": False}`` for models that otherwise
-    look for ImageNet weights, else ``{}``."""
-    return (
-        {"pretrained": False}
-        if "pretrained" in inspect.signature(MODELS.get(name).factory).parameters
-        else {}
-    )
+    """Options that build ``name`` with random weights: ``False`` for each option that loads weights
+    (``pretrained`` and any ``*_weights``, e.g. the ensemble's per-backbone ones), else ``{}``. Rebuilding a
+    run's model before loading its own weights uses it, so the files it started from need not exist."""
+    return {
+        p: False
+        for p in inspect.signature(MODELS.get(name).factory).parameters
+        if p == "pretrained" or p.endswith("_weights")
+    }
 
 
 def size_options(name: str, image_size: tuple[int, int]) -> dict:

@@ -6,7 +6,8 @@ published ``.pth`` files load without conversion (torchvision itself is not need
 with a warning: what an offline study uses), a path to a ``.pth``/``.safetensors`` state_dict (torchvision's,
 or an xailab run's ``model.safetensors`` of the same architecture), a folder holding torchvision's file, or
 ``False`` (random init). ``num_classes=0`` drops the classifier and
-makes ``forward`` return the pooled features.
+makes ``forward`` return the pooled features. A study may name one of its own cells instead of a path
+(``"cell:<model>"``, see ``xailab.study.runner``); the study resolves it, so outside a study it is an error.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.errors import CheckpointError, ConfigError
-from xailab.models.base import register_model
+from xailab.models.base import CELL_REFERENCE, register_model
 from xailab.models.mobilenetv2 import ConvBNReLU6, InvertedResidual
 
 Pretrained = bool | str | Path
@@ -286,6 +287,11 @@ def load_imagenet_weights(model: MobileNetV2 | DenseNet169, pretrained: Pretrain
         if path is None:
             raise missing_weights(filename, candidates)
     else:
+        if isinstance(pretrained, str) and pretrained.startswith(CELL_REFERENCE):
+            raise ConfigError(
+                f"{type(model).__name__}: weights {pretrained!r} name a study cell, which only a study's "
+                "model_options can resolve; outside a study pass the path of that run's model.safetensors"
+            )
         path = Path(pretrained)
         if path.is_dir():  # a folder of torchvision files serves both backbones of the ensemble
             path = path / filename
@@ -305,7 +311,9 @@ def load_imagenet_weights(model: MobileNetV2 | DenseNet169, pretrained: Pretrain
             f"weights {path} do not fit {type(model).__name__}: missing {missing[:5]} ({len(missing)}), "
             f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
         )
-    model.weights_source = f"imagenet:{path}"
+    # an xailab run's weights (its config.json beside them) are not ImageNet's: say whose they are
+    from_run = path.name == "model.safetensors" and (path.parent / "config.json").is_file()
+    model.weights_source = f"xailab run:{path.parent}" if from_run else f"imagenet:{path}"
 
 
 @register_model("mobilenetv2_imagenet", input_size=(224, 224))
@@ -336,6 +344,9 @@ class TransferEnsemble(nn.Module):
     ``[B, C, 224, 224] -> [B, K]``. Frozen backbones stay in eval mode (ImageNet BN statistics) in ``train()``.
     ``freeze``: True freezes the backbones, False trains them end to end; None (default) freezes them exactly
     when both hold pretrained weights, so an offline (random-init) ensemble learns its features.
+    ``mobilenet_weights`` / ``densenet_weights``: that backbone's weights instead of ``pretrained``'s (same
+    values), e.g. the ``model.safetensors`` of an xailab run that trained the member on the same task: the
+    offline stand-in for the seed's frozen ImageNet features (in a study: ``"cell:mobilenetv2_imagenet"``).
     Grad-CAM layer: DenseNet-169's ``features.norm5`` (7x7), the last spatial map of the backbone that
     contributes most features (1664 of 2944); both backbones end at 7x7, and one layer must be chosen.
     Since the backbones are frozen, gradients reach that layer only when the input requires grad.
@@ -350,6 +361,8 @@ class TransferEnsemble(nn.Module):
         head: str = "softmax",
         pretrained: Pretrained = True,
         freeze: bool | None = None,
+        mobilenet_weights: Pretrained | None = None,
+        densenet_weights: Pretrained | None = None,
     ) -> None:
         super().__init__()
         if head not in ("softmax", "sigmoid"):
@@ -361,8 +374,16 @@ class TransferEnsemble(nn.Module):
                 f"transfer_ensemble: head='sigmoid' is a binary head; num_classes must be 2, got {num_classes}"
             )
         self.head_type = head
-        self.mobilenet = mobilenetv2_imagenet(in_channels, num_classes=0, pretrained=pretrained)
-        self.densenet = densenet169(in_channels, num_classes=0, pretrained=pretrained)
+        self.mobilenet = mobilenetv2_imagenet(
+            in_channels,
+            num_classes=0,
+            pretrained=pretrained if mobilenet_weights is None else mobilenet_weights,
+        )
+        self.densenet = densenet169(
+            in_channels,
+            num_classes=0,
+            pretrained=pretrained if densenet_weights is None else densenet_weights,
+        )
         if freeze is None:
             freeze = not any(m.weights_source.startswith("random") for m in (self.mobilenet, self.densenet))
         self.frozen = freeze
@@ -406,7 +427,11 @@ def transfer_ensemble(
     head: str = "softmax",
     pretrained: Pretrained = True,
     freeze: bool | None = None,
+    mobilenet_weights: Pretrained | None = None,
+    densenet_weights: Pretrained | None = None,
 ) -> TransferEnsemble:
     """MobileNetV2 + DenseNet-169 features -> dense head (chest X-ray seed), 224x224; backbones frozen when
-    pretrained."""
-    return TransferEnsemble(in_channels, num_classes, head, pretrained, freeze)
+    pretrained (per backbone: ``mobilenet_weights``, ``densenet_weights``)."""
+    return TransferEnsemble(
+        in_channels, num_classes, head, pretrained, freeze, mobilenet_weights, densenet_weights
+    )

@@ -24,6 +24,7 @@ import jinja2
 
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
+from xailab.models.base import CELL_REFERENCE
 from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
 from xailab.report.shortcut import cascade_verdict
@@ -83,12 +84,22 @@ def read_records(study_dir: Path) -> tuple[dict[str, Any], list[Record]]:
     return study, records
 
 
+def started_from(record: Record) -> dict[str, str]:
+    """The cell's options that start weights from another cell of the study (``"cell:<model>"``), without
+    the recipe hash they are pinned to: the results table names them beside the grid options."""
+    return {
+        k: v.split("@")[0]
+        for k, v in record.model_options.items()
+        if isinstance(v, str) and v.startswith(CELL_REFERENCE)
+    }
+
+
 def results_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
     """One row per cell with the results table's columns (numbers unformatted)."""
     return [
         {
             "model": r.model,
-            "options": " ".join(f"{k}={v}" for k, v in r.grid_options.items()),
+            "options": " ".join(f"{k}={v}" for k, v in {**r.grid_options, **started_from(r)}.items()),
             "dataset": r.dataset,
             "accuracy": r.test.get("accuracy"),
             "macro_f1": r.test.get("macro_f1"),

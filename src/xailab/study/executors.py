@@ -11,7 +11,7 @@ from typing import Any
 
 from xailab.registry import Registry
 from xailab.study.kinds import run_task
-from xailab.study.runner import CellTask
+from xailab.study.runner import CellTask, has_cell_references
 
 OnResult = Callable[[dict[str, Any]], None]
 EXECUTORS: Registry = Registry("executor")
@@ -36,6 +36,8 @@ def run_ray(tasks: Sequence[CellTask], on_result: OnResult, address: str | None 
     Each task asks for one GPU when the cluster has any, and one CPU; Ray runs it with one intra-op thread,
     so on the CPU its records equal those of a local run with ``torch.set_num_threads(1)`` bit for bit. The workers write the cells' folders themselves,
     so on a multi-node cluster the study's ``--out`` must be a path every node sees (a shared file system).
+    Cells that start from another cell's weights (``"cell:<model>"`` options) run in a second wave, after the
+    cells they refer to have finished.
     """
     import ray  # an optional extra: imported only when this executor is chosen
 
@@ -45,15 +47,19 @@ def run_ray(tasks: Sequence[CellTask], on_result: OnResult, address: str | None 
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(run_task)
-        refs = {remote.remote(_without_progress(task)): i for i, task in enumerate(tasks)}
         records: list[Any] = [None] * len(tasks)
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                record = ray.get(ref)
-                records[refs[ref]] = record
-                on_result(record)
+        later = [has_cell_references(task.cell) for task in tasks]
+        for wave in (False, True):
+            refs = {
+                remote.remote(_without_progress(task)): i for i, task in enumerate(tasks) if later[i] == wave
+            }
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    record = ray.get(ref)
+                    records[refs[ref]] = record
+                    on_result(record)
         return records
     finally:
         if started_here:

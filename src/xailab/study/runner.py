@@ -44,6 +44,7 @@ from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.io import atomic_write, remove_orphans
 from xailab.metrics.assessment import Assessment, assess, remove_parts
 from xailab.models import create_model, model_input_size, random_init_options, size_options
+from xailab.models.base import CELL_REFERENCE
 from xailab.records import (
     ALL_METHODS,
     CELL_RECORD_VERSION,
@@ -53,7 +54,7 @@ from xailab.records import (
     read_cell_record,
 )
 from xailab.report.assessment import sanity_overlay_figure
-from xailab.study.spec import StudySpec
+from xailab.study.spec import StudySpec, cell_references
 from xailab.train import Run, TrainConfig, load_run, predict_logits, train
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta
@@ -131,7 +132,50 @@ def expand_cells(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
                     }
                 )
                 cells.append(Cell(cell_name(model, dataset, combo), model, dataset, config, combo))
-    return cells
+    return [_pin_references(cell, cells) for cell in cells]
+
+
+def _pin_references(cell: Cell, cells: list[Cell]) -> Cell:
+    """``cell`` with each ``"cell:<model>"`` option pinned to that cell's recipe (``"cell:<model>@<hash>"``):
+    the hash enters the cell's own recipe hash, so retraining a member with another recipe retrains the
+    cells built on it, while the study folder can still move (no path is hashed)."""
+    refs = cell_references(cell.config.model_options)
+    if not refs:
+        return cell
+    options = dict(cell.config.model_options)
+    for option, member in refs.items():
+        target = next(c for c in cells if c.model == member and c.dataset == cell.dataset)  # validated
+        options[option] = f"{CELL_REFERENCE}{member}@{config_hash(target.config)}"
+    return dataclasses.replace(cell, config=dataclasses.replace(cell.config, model_options=options))
+
+
+def resolve_cell_references(cell: Cell, study_dir: Path) -> dict[str, Any] | None:
+    """The cell's model options with each ``"cell:<model>@<hash>"`` replaced by the path of that cell's
+    ``model.safetensors`` in ``study_dir``, or None when it refers to no cell. The referenced cell must
+    have finished training with the pinned recipe, else a CheckpointError says which and what to do."""
+    refs = cell_references(cell.config.model_options)
+    if not refs:
+        return None
+    options = dict(cell.config.model_options)
+    for option, member in refs.items():
+        pinned = options[option].split("@")[1]
+        member_dir = study_dir / cell_name(member, cell.dataset, {})
+        weights = member_dir / "model.safetensors"
+        meta = read_run_meta(member_dir) if (member_dir / "config.json").is_file() else None
+        if meta is None or meta.status != "finished" or not weights.is_file() or meta.config_hash != pinned:
+            found = "nothing" if meta is None else f"a {meta.status} run of recipe {meta.config_hash}"
+            raise CheckpointError(
+                f"cell {cell.name}: model_options.{option} needs the weights of cell {member_dir.name} trained "
+                f"to the end with recipe {pinned}; {member_dir} holds {found}. Run the study again: it trains "
+                f"{member_dir.name} first (or --redo {member_dir.name})"
+            )
+        options[option] = str(weights)
+    return options
+
+
+def has_cell_references(cell: Cell) -> bool:
+    """Whether the cell starts from another cell's weights (so it must train after that cell)."""
+    return bool(cell_references(cell.config.model_options))
 
 
 def cell_key(spec: StudySpec, cell: Cell) -> str:
@@ -279,6 +323,7 @@ def train_cell(
             callbacks=callbacks,
             dataset=dataset,
             progress=progress,
+            model_options=resolve_cell_references(cell, cell_dir.parent),
         )
     meta = read_run_meta(cell_dir)
     if meta.config_hash != config_hash(cell.config):
@@ -301,6 +346,7 @@ def train_cell(
         callbacks=callbacks,
         dataset=dataset,
         progress=progress,
+        model_options=resolve_cell_references(cell, cell_dir.parent),
     )
 
 

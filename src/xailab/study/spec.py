@@ -16,7 +16,7 @@ from xailab.data.base import DATASETS
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
 from xailab.metrics.base import METRICS, MetricPrecision
-from xailab.models.base import MODELS
+from xailab.models.base import CELL_REFERENCE, MODELS
 from xailab.records import ALL_METHODS
 from xailab.train.config import TrainConfig
 
@@ -143,6 +143,7 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
                     f"the {model} x {dataset} cell would not know which to use; set it in one of them"
                 )
     _per_name(f"{where}: model_options", spec.model_options, models)
+    check_cell_references(where, spec, models)
     _per_name(f"{where}: dataset_options", spec.dataset_options, datasets)
     for dataset, options in spec.dataset_options.items():  # a misspelt option is never ignored
         DATASETS.get(dataset).check_options(options, where=f"{where}: dataset_options.{dataset}")
@@ -192,6 +193,46 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
     return dataclasses.replace(
         spec, datasets=datasets, models=models, methods=methods, metrics=metrics, method_params=method_params
     )
+
+
+def cell_references(options: dict[str, Any]) -> dict[str, str]:
+    """The options of one model that name another cell's weights: option -> the referenced model
+    (``{"densenet_weights": "cell:densenet169"}`` -> ``{"densenet_weights": "densenet169"}``; a resolved
+    ``"cell:densenet169@<recipe hash>"`` gives the model too)."""
+    return {
+        option: value[len(CELL_REFERENCE) :].split("@")[0]
+        for option, value in options.items()
+        if isinstance(value, str) and value.startswith(CELL_REFERENCE)
+    }
+
+
+def check_cell_references(where: str, spec: StudySpec, models: list[str]) -> None:
+    """A ``model_options`` value ``"cell:<model>"`` starts that option's weights from the same dataset's cell
+    of ``<model>``, so that cell must exist and train first: ``<model>`` is one of the study's models listed
+    before the one that refers to it, has no option grid (one cell per dataset) and refers to no cell itself
+    (cells train in one or two waves). Only grid studies resolve references."""
+    for option in cell_references(spec.train.get("model_options", {})):
+        raise ConfigError(
+            f"{where}: train.model_options.{option}: a cell reference is per model; set it under "
+            f"model_options.<model>.{option}"
+        )
+    for model, options in spec.model_options.items():
+        for option, member in cell_references(options).items():
+            at = f"{where}: model_options.{model}.{option}: {options[option]!r}"
+            if spec.kind != "grid":
+                raise ConfigError(f"{at}: only a grid study trains the cells it refers to; give a file path")
+            if member not in models:
+                raise ConfigError(f"{at}: {member!r} is not one of the study's models ({', '.join(models)})")
+            if models.index(member) >= models.index(model):
+                raise ConfigError(
+                    f"{at}: {member!r} must be listed before {model!r} in models, so that it trains first"
+                )
+            if spec.option_grid.get(member):
+                raise ConfigError(f"{at}: {member!r} has an option grid, so it has several cells per dataset")
+            if cell_references(spec.model_options.get(member, {})):
+                raise ConfigError(
+                    f"{at}: {member!r} refers to another cell itself; refer to trained cells only"
+                )
 
 
 def _checked(where: str, method: str, params: dict[str, Any]) -> dict[str, Any]:

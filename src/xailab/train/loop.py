@@ -237,13 +237,17 @@ def train(
     callbacks: Sequence[Any] = (),
     dataset: Dataset | None = None,
     progress: bool = True,
+    model_options: dict[str, Any] | None = None,
 ) -> Run:
     """Train ``config.model`` on ``config.dataset`` into ``out_dir/name`` and evaluate it on the test split.
 
     Every epoch is checkpointed atomically (``checkpoint.safetensors``); ``resume=True`` continues a killed
     run exactly where it stopped (same weights as an uninterrupted run in fp32 deterministic mode). The best
     weights by ``config.monitor`` are kept in ``model.safetensors`` and restored at the end (early stopping
-    uses the same record). Pass ``dataset`` to reuse an already loaded dataset. The run folder is locked
+    uses the same record). Pass ``dataset`` to reuse an already loaded dataset, and ``model_options`` to build
+    the model with them instead of ``config.model_options``, which the run records: a study resolves its
+    ``"cell:<model>"`` references into paths so (on ``resume`` the checkpoint replaces those weights). The
+    run folder is locked
     while training: a second process on it gets a ``LockedError``. A loss that becomes NaN or far above
     its start raises ``TrainingDiverged`` and marks the run ``diverged``.
 
@@ -271,7 +275,7 @@ def train(
             remove_orphans(run_dir)  # temp files of writes a kill interrupted
         distributed.barrier(ctx)  # every rank has looked before rank 0 writes config.json
         bar = [ProgressBar()] if progress and ctx.is_main else []
-        trainer = Trainer.setup(config, run_dir, dataset, ctx)
+        trainer = Trainer.setup(config, run_dir, dataset, ctx, model_options)
         state = trainer.start(resume)
         return trainer.fit(state, [*bar, *callbacks])
 
@@ -332,9 +336,15 @@ class Trainer:
 
     @classmethod
     def setup(
-        cls, config: TrainConfig, run_dir: Path, dataset: Dataset | None, ctx: distributed.DistributedContext
+        cls,
+        config: TrainConfig,
+        run_dir: Path,
+        dataset: Dataset | None,
+        ctx: distributed.DistributedContext,
+        model_options: dict[str, Any] | None = None,
     ) -> Trainer:
-        """Load and split the data, build the model and optimiser, and describe the run (``RunMeta``)."""
+        """Load and split the data, build the model (with ``model_options`` when given, else the config's)
+        and optimiser, and describe the run (``RunMeta``)."""
         device = distributed.rank_device(resolve_device(config.device), ctx)
         torch.manual_seed(config.seed)  # model initialisation and dropout
         # Data order and augmentation draw on the training device, so no host->device copy waits per step.
@@ -358,7 +368,10 @@ class Trainer:
         test_set = dataset.splits.get("test")
         k = dataset.num_classes
 
-        options = {**size_options(config.model, dataset.image_size), **config.model_options}
+        options = {
+            **size_options(config.model, dataset.image_size),
+            **(config.model_options if model_options is None else model_options),
+        }
         model = create_model(config.model, in_channels=dataset.channels, num_classes=k, **options)
         # Several processes would time each other: under DDP the fixed rule decides.
         shape = None if ctx.is_distributed else (dataset.channels, *dataset.image_size)
