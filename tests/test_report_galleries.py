@@ -3,6 +3,7 @@ two-class cell's true and false positives and negatives (positive = class index 
 
 from __future__ import annotations
 
+import csv
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -211,6 +212,21 @@ def test_the_quadrant_maps_are_the_methods_maps_for_the_predicted_class(study):
                 scale = stored.shape[0] // expected.shape[0]
                 error = np.abs(stored[::scale, ::scale] / 255.0 - expected).max()
                 assert (error <= 0.5 / 255 + 1e-6) == same, (q, i, error)  # PNG rounding only
+
+
+def test_two_class_cells_get_sensitivity_specificity_and_roc_auc_in_the_results_table(study):
+    _, study_dir = study
+    rows = list(csv.DictReader((study_dir / "results.csv").open()))
+    assert list(rows[0])[3:8] == ["accuracy", "macro_f1", "sensitivity", "specificity", "roc_auc"]
+    for row in rows:
+        test = read_json(study_dir / f"{row['model']}__{row['dataset']}" / "record.json")["test"]
+        # known answer from the record's confusion matrix (rows true, columns predicted; positive = index 1)
+        (tn, fp), (fn, tp) = test["confusion_matrix"]
+        assert float(row["sensitivity"]) == pytest.approx(tp / (tp + fn))
+        assert float(row["specificity"]) == pytest.approx(tn / (tn + fp))
+        assert float(row["roc_auc"]) == test["roc_auc"] and 0 <= test["roc_auc"] <= 1
+    html = (study_dir / "report.html").read_text()
+    assert "<th>sensitivity</th><th>specificity</th><th>ROC-AUC</th>" in html
 
 
 def test_the_quadrant_section_comes_only_with_two_class_cells():

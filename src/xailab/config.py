@@ -30,6 +30,11 @@ C = TypeVar("C")
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 2048
 
+# A model option set to "cell:<model>" names the trained weights of another cell of the same study: the study
+# runner resolves it (``xailab.study.runner.resolve_cell_references``); a model refuses it elsewhere, and the
+# report names it.
+CELL_REFERENCE = "cell:"
+
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"

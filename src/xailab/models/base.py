@@ -29,9 +29,6 @@ class ModelSpec:
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
-# A weights option set to "cell:<model>" names the trained weights of another cell of the same study: the
-# study runner resolves it (``xailab.study.runner.resolve_cell_references``); a model refuses it elsewhere.
-CELL_REFERENCE = "cell:"
 
 
 def register_model(name: str, input_size: tuple[int, int] = (32, 32), description: str = ""):

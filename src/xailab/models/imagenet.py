@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xailab.config import CELL_REFERENCE
 from xailab.errors import CheckpointError, ConfigError
-from xailab.models.base import CELL_REFERENCE, register_model
+from xailab.models.base import register_model
 from xailab.models.mobilenetv2 import ConvBNReLU6, InvertedResidual
 
 Pretrained = bool | str | Path

@@ -22,9 +22,9 @@ from typing import Any
 
 import jinja2
 
+from xailab.config import CELL_REFERENCE
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
-from xailab.models.base import CELL_REFERENCE
 from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
 from xailab.report.shortcut import cascade_verdict
@@ -66,6 +66,9 @@ RESULT_COLUMNS = (
     ("train_images_per_s", "train images/s"),
     ("inference_images_per_s", "inference images/s"),
 )
+# Two-class test splits also get these (positive = class index 1), after macro-F1: what a screening task
+# is judged by. A study without a two-class cell keeps the table above.
+BINARY_COLUMNS = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("roc_auc", "ROC-AUC"))
 SANITY_THRESHOLD = 0.5  # |Spearman| after full randomisation above this: the maps ignore the weights
 
 
@@ -94,15 +97,28 @@ def started_from(record: Record) -> dict[str, str]:
     }
 
 
+def result_columns(records: Sequence[Record]) -> tuple[tuple[str, str], ...]:
+    """The results table's (key, label) columns: ``RESULT_COLUMNS``, with ``BINARY_COLUMNS`` after macro-F1
+    when a cell's test split has two classes (its metrics then hold ROC-AUC)."""
+    if not any("roc_auc" in r.test for r in records):
+        return RESULT_COLUMNS
+    at = [k for k, _ in RESULT_COLUMNS].index("macro_f1") + 1
+    return RESULT_COLUMNS[:at] + BINARY_COLUMNS + RESULT_COLUMNS[at:]
+
+
 def results_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """One row per cell with the results table's columns (numbers unformatted)."""
-    return [
-        {
+    """One row per cell with the results table's columns (numbers unformatted; the two-class columns are
+    None for a cell of more classes)."""
+    columns = [k for k, _ in result_columns(records)]
+    rows = []
+    for r in records:
+        row = {
             "model": r.model,
             "options": " ".join(f"{k}={v}" for k, v in {**r.grid_options, **started_from(r)}.items()),
             "dataset": r.dataset,
             "accuracy": r.test.get("accuracy"),
             "macro_f1": r.test.get("macro_f1"),
+            **{k: r.test.get(k) for k, _ in BINARY_COLUMNS},
             "parameters": r.parameters,
             "macs": r.macs,
             "epochs": len(r.history),
@@ -110,17 +126,17 @@ def results_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
             "train_images_per_s": r.train_images_per_s,
             "inference_images_per_s": r.inference_images_per_s,
         }
-        for r in records
-    ]
+        rows.append({k: row[k] for k in columns})
+    return rows
 
 
 def fmt(key: str, value: Any) -> str:
     """A results-table value as text: accuracies in %, counts with thousands separators, MACs in millions."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key == "accuracy":
+    if key in ("accuracy", "sensitivity", "specificity"):
         return f"{100 * value:.2f}%"
-    if key == "macro_f1":
+    if key in ("macro_f1", "roc_auc"):
         return f"{value:.4f}"
     if key == "macs":
         return f"{value / 1e6:,.1f}M"
@@ -134,7 +150,8 @@ def fmt(key: str, value: Any) -> str:
 def results_csv(rows: Sequence[dict[str, Any]]) -> str:
     """The results table as CSV text, unformatted numbers (one row per cell)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for k, _ in RESULT_COLUMNS], lineterminator="\n")
+    names = list(rows[0]) if rows else [k for k, _ in RESULT_COLUMNS]  # the rows hold the table's columns
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -387,7 +404,7 @@ def build_report(study_dir: str | Path) -> Path:
         "side_by_side": side_by_side(groups, spec["methods"]),
         "quadrants": quadrants,
         **truth,
-        "columns": RESULT_COLUMNS,
+        "columns": result_columns(records),
         "rows": [{k: fmt(k, v) for k, v in row.items()} for row in rows],
         "figures": figures,
         "confusions": {d: top_confusions(recs) for d, recs in groups.items()},

@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from xailab.config import CELL_REFERENCE
 from xailab.data import Dataset, load_dataset
 from xailab.data.transforms import to_model_input
 from xailab.device import resolve_device
@@ -44,7 +45,6 @@ from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.io import atomic_write, remove_orphans
 from xailab.metrics.assessment import Assessment, assess, remove_parts
 from xailab.models import create_model, model_input_size, random_init_options, size_options
-from xailab.models.base import CELL_REFERENCE
 from xailab.records import (
     ALL_METHODS,
     CELL_RECORD_VERSION,

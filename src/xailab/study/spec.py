@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xailab.config import folder_name, from_dict, read_config_file, to_dict
+from xailab.config import CELL_REFERENCE, folder_name, from_dict, read_config_file, to_dict
 from xailab.data.base import DATASETS
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
 from xailab.metrics.base import METRICS, MetricPrecision
-from xailab.models.base import CELL_REFERENCE, MODELS
+from xailab.models.base import MODELS
 from xailab.records import ALL_METHODS
 from xailab.train.config import TrainConfig
 
