@@ -30,3 +30,28 @@ def tiny(**changes) -> dict:
     }
     spec.update(changes)
     return spec
+
+
+def ensemble_study(**changes) -> dict:
+    """The offline chest X-ray layout in small: two members, then the ensemble over their trained weights."""
+    spec = {
+        "name": "members",
+        "datasets": ["digits"],
+        "models": ["mobilenetv2_imagenet", "densenet169", "transfer_ensemble"],
+        "model_options": {
+            "mobilenetv2_imagenet": {"pretrained": False},
+            "densenet169": {"pretrained": False},
+            "transfer_ensemble": {
+                "pretrained": False,
+                "mobilenet_weights": "cell:mobilenetv2_imagenet",
+                "densenet_weights": "cell:densenet169",
+            },
+        },
+        "train": {"epochs": 1, "batch_size": 32, "image_size": 32, "channels": 1, "train_limit": 96},
+        "methods": ["saliency"],
+        "n_explain": 2,
+        "n_gallery": 1,
+        "n_misclassified": 0,
+    }
+    spec.update(changes)
+    return spec

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from study_helpers import ensemble_study
 from xailab.data import load_dataset
 from xailab.data.cifar import CLASSES
 from xailab.models import create_model
@@ -133,31 +134,6 @@ def test_the_chest_xray_study_falls_back_offline():
         "cell:mobilenetv2_imagenet",
         "cell:densenet169",
     )
-
-
-def ensemble_study(**changes) -> dict:
-    """The offline chest X-ray layout in small: two members, then the ensemble over their trained weights."""
-    spec = {
-        "name": "members",
-        "datasets": ["digits"],
-        "models": ["mobilenetv2_imagenet", "densenet169", "transfer_ensemble"],
-        "model_options": {
-            "mobilenetv2_imagenet": {"pretrained": False},
-            "densenet169": {"pretrained": False},
-            "transfer_ensemble": {
-                "pretrained": False,
-                "mobilenet_weights": "cell:mobilenetv2_imagenet",
-                "densenet_weights": "cell:densenet169",
-            },
-        },
-        "train": {"epochs": 1, "batch_size": 32, "image_size": 32, "channels": 1, "train_limit": 96},
-        "methods": ["saliency"],
-        "n_explain": 2,
-        "n_gallery": 1,
-        "n_misclassified": 0,
-    }
-    spec.update(changes)
-    return spec
 
 
 def test_the_ensemble_starts_from_its_members_trained_weights(tmp_path, single_thread):

@@ -8,7 +8,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from study_helpers import tiny
+from study_helpers import ensemble_study, tiny
 from xailab.io import read_json
 from xailab.study import run_study, spec_from_dict
 
@@ -55,3 +55,13 @@ def test_ray_executor_matches_local(tmp_path, local_ray):
         for k in ma:
             torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=0)
     assert (on_ray / "report.html").is_file()
+
+
+def test_ray_trains_a_cell_after_the_cells_whose_weights_it_starts_from(tmp_path, local_ray):
+    # the two members run side by side (two CPUs); the ensemble, which reads their model.safetensors, after them
+    spec = spec_from_dict(ensemble_study(name="members-ray"))
+    study = run_study(spec, out=tmp_path, executor="ray", progress=False).parent
+    meta = read_json(study / "transfer_ensemble__digits" / "config.json")
+    assert meta["status"] == "finished"
+    assert meta["model"]["weights_source"].startswith("mobilenetv2_imagenet=xailab run:")
+    assert all((study / c / "record.json").is_file() for c in read_json(study / "study.json")["cells"])
