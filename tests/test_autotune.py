@@ -262,6 +262,15 @@ def test_real_tuning_runs_on_copies_and_leaves_the_model_alone(cache):
     assert "<- chosen" in text and "train_step" in text and "choice:" in text
 
 
+def test_a_model_with_batchnorm1d_is_tuned_for_training_without_a_single_image_batch(cache):
+    # train mode: BatchNorm1d over [1, C] raises, so the training step is never timed on one image (the
+    # chest X-ray ensemble's head stopped a study so)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).train()
+    tuning = tune(model, (1, 8, 8), passes=("train_step",), budget_s=0.2, train_batch=8)
+    assert tuning.timings["train_step"] and all(c.batch >= 2 for c in tuning.timings["train_step"])
+    assert autotune.train_settings(model, (1, 8, 8), torch.device("cpu"))[0] in ("fp32", "bf16")
+
+
 def test_explanations_take_the_tuned_chunk_and_precision(cache, monkeypatch):
     from xailab.explain import explain
     from xailab.explain.batching import default_batch_size

@@ -504,7 +504,10 @@ def _measure_pass(
     """
     grad = pass_name != "forward"
     cap = max_batch(bench.shape, bench.device, grad)
-    first = min(train_batch if pass_name == "train_step" else BATCHES[0], cap)
+    # A training step runs the model in train mode, where BatchNorm needs more than one value per channel
+    # (a BatchNorm1d over [1, C] features raises): its probes and screens use two images, never one.
+    least = 2 if pass_name == "train_step" else 1
+    first = max(least, min(train_batch if pass_name == "train_step" else BATCHES[0], cap))
     timings: dict[Config, float] = {}
     # Stage 0, a probe of every candidate at a few images: a clear loser (bf16 emulated on an AVX2 CPU runs
     # ~8x slower) costs one small call instead of calls at the full batch.
@@ -512,12 +515,13 @@ def _measure_pass(
     # Training chooses the layout; explanations run the model in the layout it has (they never convert a
     # caller's model), so their candidates keep it.
     layouts = (False, True) if pass_name == "train_step" else (model_is_channels_last(bench.model),)
-    for c in _candidates(max(1, first // PROBE_FRACTION), layouts):
-        if probes and c.batch > 1:
-            # Screened at one image first: emulated bf16 costs seconds per image on a large model (densenet169
-            # at 224x224: ~4 s on the 2-core AVX2 EPYC), so a clear loser costs one image, not a probe's batch.
-            screen = Config(c.precision, c.channels_last, 1, c.compile)
-            seconds = timer(pass_name, screen, bench.runner(pass_name, screen))
+    for c in _candidates(max(least, first // PROBE_FRACTION), layouts):
+        if probes and c.batch > least:
+            # Screened at one image first (two for training): emulated bf16 costs seconds per image on a large
+            # model (densenet169 at 224x224: ~4 s on the 2-core AVX2 EPYC), so a clear loser costs one image,
+            # not a probe's batch.
+            screen = Config(c.precision, c.channels_last, least, c.compile)
+            seconds = timer(pass_name, screen, bench.runner(pass_name, screen)) / least
             if seconds > PROBE_GIVE_UP * min(probes.values()):
                 probes[screen] = timings[screen] = seconds
                 continue
