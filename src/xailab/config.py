@@ -269,3 +269,14 @@ def check_type(name: str, value: Any, annotation: Any) -> Any:
     ``ConfigError`` naming ``name`` and the value: the check ``from_dict`` runs on each field, for values that
     are not fields of a dataclass (a model's options, checked against its factory's annotations)."""
     return _check_type(name, value, annotation)
+
+
+def cell_references(options: dict[str, Any]) -> dict[str, str]:
+    """The options of one model that name another cell's weights: option -> the referenced model
+    (``{"densenet_weights": "cell:densenet169"}`` -> ``{"densenet_weights": "densenet169"}``; a resolved
+    ``"cell:densenet169@<recipe hash>"`` gives the model too)."""
+    return {
+        option: value[len(CELL_REFERENCE) :].split("@")[0]
+        for option, value in options.items()
+        if isinstance(value, str) and value.startswith(CELL_REFERENCE)
+    }

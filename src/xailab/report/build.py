@@ -22,7 +22,7 @@ from typing import Any
 
 import jinja2
 
-from xailab.config import CELL_REFERENCE
+from xailab.config import CELL_REFERENCE, cell_references
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
 from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
@@ -90,11 +90,7 @@ def read_records(study_dir: Path) -> tuple[dict[str, Any], list[Record]]:
 def started_from(record: Record) -> dict[str, str]:
     """The cell's options that start weights from another cell of the study (``"cell:<model>"``), without
     the recipe hash they are pinned to: the results table names them beside the grid options."""
-    return {
-        k: v.split("@")[0]
-        for k, v in record.model_options.items()
-        if isinstance(v, str) and v.startswith(CELL_REFERENCE)
-    }
+    return {k: f"{CELL_REFERENCE}{model}" for k, model in cell_references(record.model_options).items()}
 
 
 def result_columns(records: Sequence[Record]) -> tuple[tuple[str, str], ...]:

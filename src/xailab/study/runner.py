@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from xailab.config import CELL_REFERENCE
+from xailab.config import CELL_REFERENCE, cell_references
 from xailab.data import Dataset, load_dataset
 from xailab.data.transforms import to_model_input
 from xailab.device import resolve_device
@@ -54,7 +54,7 @@ from xailab.records import (
     read_cell_record,
 )
 from xailab.report.assessment import sanity_overlay_figure
-from xailab.study.spec import StudySpec, cell_references
+from xailab.study.spec import StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, train
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta

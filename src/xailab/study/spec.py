@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xailab.config import CELL_REFERENCE, folder_name, from_dict, read_config_file, to_dict
+from xailab.config import cell_references, folder_name, from_dict, read_config_file, to_dict
 from xailab.data.base import DATASETS
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
@@ -193,17 +193,6 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
     return dataclasses.replace(
         spec, datasets=datasets, models=models, methods=methods, metrics=metrics, method_params=method_params
     )
-
-
-def cell_references(options: dict[str, Any]) -> dict[str, str]:
-    """The options of one model that name another cell's weights: option -> the referenced model
-    (``{"densenet_weights": "cell:densenet169"}`` -> ``{"densenet_weights": "densenet169"}``; a resolved
-    ``"cell:densenet169@<recipe hash>"`` gives the model too)."""
-    return {
-        option: value[len(CELL_REFERENCE) :].split("@")[0]
-        for option, value in options.items()
-        if isinstance(value, str) and value.startswith(CELL_REFERENCE)
-    }
 
 
 def check_cell_references(where: str, spec: StudySpec, models: list[str]) -> None:
