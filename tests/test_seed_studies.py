@@ -230,6 +230,22 @@ def test_a_cell_reference_outside_a_study_is_refused():
         )
 
 
+def test_a_missing_weights_file_is_named_with_its_option(tmp_path):
+    """A per-backbone path that is not a file: the option, the value and what to pass (not "ImageNet weights
+    not found", which is the message for the ImageNet files asked for with pretrained=True)."""
+    from xailab.errors import CheckpointError
+
+    gone = str(tmp_path / "member" / "model.safetensors")
+    with pytest.raises(CheckpointError) as caught:
+        create_model("transfer_ensemble", 1, 2, pretrained=False, densenet_weights=gone)
+    message = str(caught.value)
+    assert message.startswith(f"densenet_weights={gone!r}: no such weights file")
+    assert "model.safetensors" in message and "densenet_weights=False" in message
+    assert "ImageNet weights not found" not in message
+    with pytest.raises(CheckpointError, match=r"^pretrained='nowhere\.pth': no such weights file"):
+        create_model("mobilenetv2_imagenet", 1, 2, pretrained="nowhere.pth")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The Keras seed's out.csv, the full-run configs
 # --------------------------------------------------------------------------------------------------------

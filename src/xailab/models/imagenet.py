@@ -234,7 +234,7 @@ def hub_checkpoint_dirs() -> list[Path]:
 
 
 def missing_weights(filename: str, looked_for: list[Path]) -> CheckpointError:
-    """The error for absent weights: where we looked, where to get them, and how to do without."""
+    """The error for absent ImageNet weights: where we looked, where to get them, and how to do without."""
     return CheckpointError(
         f"ImageNet weights not found (looked for {', '.join(str(p) for p in looked_for)}). Download "
         f"{DOWNLOAD_URL.format(filename)} into {hub_checkpoint_dirs()[0]} or pass pretrained=<path to the file>; "
@@ -259,10 +259,23 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return {OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
-def load_imagenet_weights(model: MobileNetV2 | DenseNet169, pretrained: Pretrained, filename: str) -> None:
+def missing_weights_file(option: str, given: str, path: Path, filename: str) -> CheckpointError:
+    """The error for a weights path that was given and is not a file: which option, the value, what to pass."""
+    looked = f" (looked for {path})" if str(path) != given else ""
+    return CheckpointError(
+        f"{option}={given!r}: no such weights file{looked}. Pass the path of a .safetensors or .pth state_dict "
+        f"(an xailab run's model.safetensors, or torchvision's {filename} from {DOWNLOAD_URL.format(filename)}), "
+        f"or {option}=False for random init."
+    )
+
+
+def load_imagenet_weights(
+    model: MobileNetV2 | DenseNet169, pretrained: Pretrained, filename: str, option: str = "pretrained"
+) -> None:
     """Load ``pretrained`` into ``model`` and set ``model.weights_source``.
 
     The backbone is checked strictly; the ImageNet classifier is loaded only when ``model`` has 1000 classes.
+    ``option`` names the model option the value came from, for error messages.
     """
     if pretrained is False:
         model.weights_source = "random"
@@ -297,7 +310,7 @@ def load_imagenet_weights(model: MobileNetV2 | DenseNet169, pretrained: Pretrain
         if path.is_dir():  # a folder of torchvision files serves both backbones of the ensemble
             path = path / filename
         if not path.is_file():
-            raise missing_weights(filename, [path])
+            raise missing_weights_file(option, str(pretrained), path, filename)
     state = read_state_dict(path)
     keep_classifier = model.num_classes == 1000
     if not keep_classifier:
@@ -375,16 +388,16 @@ class TransferEnsemble(nn.Module):
                 f"transfer_ensemble: head='sigmoid' is a binary head; num_classes must be 2, got {num_classes}"
             )
         self.head_type = head
-        self.mobilenet = mobilenetv2_imagenet(
-            in_channels,
-            num_classes=0,
-            pretrained=pretrained if mobilenet_weights is None else mobilenet_weights,
-        )
-        self.densenet = densenet169(
-            in_channels,
-            num_classes=0,
-            pretrained=pretrained if densenet_weights is None else densenet_weights,
-        )
+        self.mobilenet = MobileNetV2(in_channels, num_classes=0)
+        self.densenet = DenseNet169(in_channels, num_classes=0)
+        for backbone, own, option, filename in (
+            (self.mobilenet, mobilenet_weights, "mobilenet_weights", MOBILENET_V2_FILE),
+            (self.densenet, densenet_weights, "densenet_weights", DENSENET169_FILE),
+        ):
+            if own is None:
+                load_imagenet_weights(backbone, pretrained, filename)
+            else:
+                load_imagenet_weights(backbone, own, filename, option)
         if freeze is None:
             freeze = not any(m.weights_source.startswith("random") for m in (self.mobilenet, self.densenet))
         self.frozen = freeze
