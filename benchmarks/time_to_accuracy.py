@@ -19,11 +19,19 @@ Recipes:
 
 ``--train-limit N --test-limit M`` and ``--xailab-epochs 1 --seed-epochs 1`` make a smoke run. Keep the machine quiet while it
 runs: the figures are wall-clock times.
+
+A full run takes hours on a CPU; ``--resume runs/time-to-accuracy/<stamp>`` continues a killed one with the
+arguments it was started with (refused on another machine, or when the arguments differ): finished cells are
+kept, and the cell that was training continues from its last checkpoint with its clock (``clock.json`` in its
+run folder: the timed seconds and test accuracies so far), so its figure is the sum of its timed epochs across
+the processes (each process's start-up is outside the clock, as the first one's is). A cell whose clock is
+behind its checkpoint (killed in the instant between the two writes) starts again, its folder kept aside.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,10 +41,11 @@ import torch
 
 from xailab.data import Dataset, load_dataset
 from xailab.device import cpu_name  # the processor's model name, as runs record it
-from xailab.io import write_json, write_text
+from xailab.errors import CheckpointError
+from xailab.io import read_json, write_json, write_text
 from xailab.models import model_input_size
 from xailab.train import TrainConfig, predict_logits, train
-from xailab.train.checkpoint import load_weights
+from xailab.train.checkpoint import checkpoint_info, load_weights
 
 # The multi-model seed's claimed test accuracies (claims, not measurements): model -> dataset -> accuracy.
 SEED_CLAIMS: dict[str, dict[str, float]] = {
@@ -45,6 +54,18 @@ SEED_CLAIMS: dict[str, dict[str, float]] = {
     "resnet18": {"mnist": 0.993, "fashion_mnist": 0.928, "cifar10": 0.763},
 }
 DEFAULT_CELLS = "cifar10:mobilenetv2,cifar10:efficient_cnn,cifar10:resnet18,fashion_mnist:efficient_cnn"
+CLOCK = "clock.json"  # in each run folder: the clock's rows so far (a killed cell resumes with them)
+# The arguments a resumed benchmark must share with the run it continues (the rest: where and how verbose).
+SAME_ARGS = (
+    "cells",
+    "recipes",
+    "xailab_epochs",
+    "seed_epochs",
+    "seed_augment",
+    "train_limit",
+    "test_limit",
+    "seed",
+)
 
 
 class TargetReached(Exception):
@@ -55,10 +76,13 @@ class TimeToAccuracy:
     """A training callback: after each epoch, the test accuracy of the run's best-so-far weights (untimed);
     records the timed seconds and raises ``TargetReached`` when the accuracy reaches ``target``."""
 
-    def __init__(self, dataset: Any, config: TrainConfig, target: float) -> None:
+    def __init__(
+        self, dataset: Any, config: TrainConfig, target: float, rows: list[dict[str, Any]] | None = None
+    ) -> None:
         self.dataset, self.config, self.target = dataset, config, target
         self.test = dataset["test"]
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])  # a resumed cell's rows so far
+        self.offset = self.rows[-1]["seconds"] if self.rows else 0.0  # timed seconds of earlier processes
         self.untimed = 0.0
         self.t0 = 0.0
         self.model: torch.nn.Module | None = None
@@ -71,7 +95,7 @@ class TimeToAccuracy:
     def on_epoch_end(self, row: dict[str, Any]) -> None:
         assert self.model is not None and self.run_dir is not None
         start = time.perf_counter()
-        timed = start - self.t0 - self.untimed
+        timed = self.offset + start - self.t0 - self.untimed
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         load_weights(self.run_dir / "model.safetensors", self.model)  # what the recipe would deliver now
         test = self.test
@@ -93,6 +117,8 @@ class TimeToAccuracy:
                 "test_accuracy": round(accuracy, 4),
             }
         )
+        # after the run's checkpoint of this epoch: a resumed cell continues from both
+        write_json(self.run_dir / CLOCK, {"target": self.target, "rows": self.rows})
         self.untimed += time.perf_counter() - start
         if accuracy >= self.target:
             raise TargetReached
@@ -140,6 +166,22 @@ def smoke_cut(dataset: Dataset, train_limit: int | None, test_limit: int | None)
     return replace(dataset, splits=splits)
 
 
+def cell_state(run_dir: Path, target: float) -> tuple[str, list[dict[str, Any]]]:
+    """Where a cell's run folder stands, and its clock's rows: ``new`` (no folder), ``done`` (the target
+    reached, or the run ended: budget spent or early stopping), ``resume`` (the clock matches the last
+    checkpoint), ``restart`` (a folder without a checkpoint, or a clock behind it)."""
+    if not run_dir.exists():
+        return "new", []
+    rows = read_json(run_dir / CLOCK)["rows"] if (run_dir / CLOCK).is_file() else []
+    if (rows and rows[-1]["test_accuracy"] >= target) or (run_dir / "metrics.json").is_file():
+        return "done", rows
+    try:
+        epoch = checkpoint_info(run_dir)["epoch"]
+    except CheckpointError:
+        return "restart", rows
+    return ("resume" if rows and rows[-1]["epoch"] == epoch else "restart"), rows
+
+
 def run_cell(
     model: str, dataset_name: str, recipe: str, epochs: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -151,14 +193,33 @@ def run_cell(
         args.test_limit,
     )
     config = recipe_config(recipe, model, dataset_name, epochs, args)
-    clock = TimeToAccuracy(dataset, config, target)
     name = f"{model}__{dataset_name}__{recipe}"
-    reached = False
-    try:
-        train(config, out_dir=args.out, name=name, dataset=dataset, callbacks=[clock], progress=False)
-    except TargetReached:
-        reached = True
-    last = clock.rows[-1] if clock.rows else {}
+    run_dir = Path(args.out) / name
+    state, rows = cell_state(run_dir, target)
+    if state == "restart":
+        aside = run_dir.with_name(f"{name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(
+            f"{name}: nothing to resume (killed in its first epoch, or between its checkpoint and its "
+            f"clock); starts again, the old folder kept as {aside.name}",
+            flush=True,
+        )
+        rows = []
+    if state != "done":
+        clock = TimeToAccuracy(dataset, config, target, rows)
+        with contextlib.suppress(TargetReached):
+            train(
+                config,
+                out_dir=args.out,
+                name=name,
+                dataset=dataset,
+                callbacks=[clock],
+                progress=False,
+                resume=state == "resume",
+            )
+        rows = clock.rows
+    reached = bool(rows) and rows[-1]["test_accuracy"] >= target
+    last = rows[-1] if rows else {}
     return {
         "model": model,
         "dataset": dataset_name,
@@ -169,10 +230,10 @@ def run_cell(
         "seconds": last.get("seconds") if reached else None,
         "epochs_run": last.get("epoch"),
         "seconds_run": last.get("seconds"),
-        "best_test_accuracy": max((r["test_accuracy"] for r in clock.rows), default=None),
+        "best_test_accuracy": max((r["test_accuracy"] for r in rows), default=None),
         "epoch_budget": epochs,
         "data_notes": list(dataset.notes),
-        "per_epoch": clock.rows,
+        "per_epoch": rows,
         "config": {k: v for k, v in config.to_dict().items() if k not in ("data_dir", "dataset_root")},
     }
 
@@ -196,6 +257,31 @@ def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resumed_rows(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, machine: str
+) -> list[dict[str, Any]]:
+    """The finished rows of the benchmark run in ``args.resume``, after checking that it was started on this
+    machine with these arguments (``parser.error`` naming the difference otherwise)."""
+    folder = Path(args.resume)
+    if not (folder / "arguments.json").is_file():
+        parser.error(f"--resume {folder}: no arguments.json there; give the folder of a time-to-accuracy run")
+    started = read_json(folder / "arguments.json")
+    if started.get("machine") != machine:
+        parser.error(
+            f"--resume {folder}: started on {started.get('machine')!r}, this is {machine!r}; wall-clock figures "
+            "from two machines do not add up: start a new run"
+        )
+    for key in SAME_ARGS:
+        if started.get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            parser.error(
+                f"--resume {folder}: {flag} is {getattr(args, key)!r} here but the run was started with "
+                f"{started.get(key)!r}; resume with the same arguments"
+            )
+    result = folder / "time_to_accuracy.json"
+    return list(read_json(result)["rows"]) if result.is_file() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,22 +301,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="runs/time-to-accuracy")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the killed benchmark run in DIR (same arguments)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    args.out = str(out / stamp)  # every benchmark run trains fresh (no resumed runs)
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    rows = []
-    for cell in args.cells.split(","):
-        dataset_name, model = cell.strip().split(":")
-        if model not in SEED_CLAIMS or dataset_name not in SEED_CLAIMS[model]:
+    cells = [tuple(cell.strip().split(":")) for cell in args.cells.split(",")]
+    for cell in cells:
+        if len(cell) != 2 or cell[1] not in SEED_CLAIMS or cell[0] not in SEED_CLAIMS[cell[1]]:
             parser.error(
-                f"--cells: {cell!r} is no seed cell; models {list(SEED_CLAIMS)}, datasets mnist, "
-                "fashion_mnist, cifar10"
+                f"--cells: {':'.join(cell)!r} is no seed cell (dataset:model); models {list(SEED_CLAIMS)}, "
+                "datasets mnist, fashion_mnist, cifar10"
             )
+    rows: list[dict[str, Any]] = []
+    if args.resume is None:
+        args.out = str(Path(args.out) / time.strftime("%Y%m%d-%H%M%S"))  # a new run in its own folder
+        write_json(Path(args.out) / "arguments.json", {"machine": machine, **vars(args)})
+    else:
+        args.out = args.resume
+        rows = resumed_rows(parser, args, machine)
+    done = {(r["model"], r["dataset"], r["recipe"]) for r in rows}
+    for dataset_name, model in cells:
         for recipe in args.recipes.split(","):
+            if (model, dataset_name, recipe) in done:
+                continue
             epochs = args.xailab_epochs if recipe == "xailab" else args.seed_epochs
             row = run_cell(model, dataset_name, recipe, epochs, args)
             rows.append(row)

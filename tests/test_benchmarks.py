@@ -80,3 +80,66 @@ def test_time_to_accuracy_stops_at_the_claim_and_records_a_miss(shared_data_dir,
     assert not miss["reached"] and miss["epochs"] is None and miss["epochs_run"] == 2
     assert 0 <= miss["best_test_accuracy"] <= 1 and len(miss["per_epoch"]) == 2
     assert (result.parent / "time_to_accuracy.md").read_text().count("\n|") >= 2
+
+
+def test_a_killed_time_to_accuracy_run_resumes_with_its_clock(shared_data_dir, tmp_path, monkeypatch, capsys):
+    """Killed during the second cell: ``--resume`` keeps the first cell (not retrained), continues the second
+    from its checkpoint with its clock (same per-epoch test accuracies as an uninterrupted run, timed seconds
+    carried on), refuses other arguments, and restarts a cell whose clock is behind its checkpoint."""
+    import shutil
+
+    monkeypatch.setenv("XAILAB_AUTOTUNE", "0")  # the same fixed settings in every process of the test
+    bench = script("time_to_accuracy", monkeypatch)
+    monkeypatch.setitem(
+        bench.SEED_CLAIMS, "mobilenetv2", {"mnist": 1.01, "fashion_mnist": 1.01}
+    )  # never reached
+    args = ["--data-dir", str(shared_data_dir), "--recipes", "xailab", "--xailab-epochs", "3"]
+    args += ["--train-limit", "256", "--test-limit", "64"]
+    both = ["--cells", "mnist:mobilenetv2,fashion_mnist:mobilenetv2"]
+    record = bench.TimeToAccuracy.on_epoch_end
+
+    def killed_in_fashion_epoch_2(self, row):
+        record(self, row)  # the clock is written, as after any epoch
+        if "fashion" in str(self.run_dir) and row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.TimeToAccuracy, "on_epoch_end", killed_in_fashion_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*args, *both, "--out", str(tmp_path / "a")])
+    monkeypatch.setattr(bench.TimeToAccuracy, "on_epoch_end", record)
+    (folder,) = (tmp_path / "a").iterdir()
+    fashion = folder / "mobilenetv2__fashion_mnist__xailab"
+    before = json.loads((fashion / "clock.json").read_text())["rows"]
+    assert [r["epoch"] for r in before] == [1, 2]
+    behind = tmp_path / "behind"
+    shutil.copytree(folder, behind)
+
+    trained: list[str] = []
+    real_train = bench.train
+    monkeypatch.setattr(bench, "train", lambda *a, **k: trained.append(k["name"]) or real_train(*a, **k))
+    assert bench.main([*args, *both, "--resume", str(folder)]) == 0
+    assert trained == ["mobilenetv2__fashion_mnist__xailab"]  # the finished cell is kept as it was
+    rows = json.loads((folder / "time_to_accuracy.json").read_text())["rows"]
+    assert [r["dataset"] for r in rows] == ["mnist", "fashion_mnist"]
+    after = rows[1]["per_epoch"]
+    assert after[:2] == before and after[2]["epoch"] == 3 and after[2]["seconds"] > before[1]["seconds"]
+    assert rows[1]["epochs_run"] == 3 and not rows[1]["reached"]
+
+    fresh = ["--cells", "fashion_mnist:mobilenetv2", "--out", str(tmp_path / "b")]
+    assert bench.main([*args, *fresh]) == 0
+    (uninterrupted,) = (tmp_path / "b").glob("*/time_to_accuracy.json")
+    expected = json.loads(uninterrupted.read_text())["rows"][0]["per_epoch"]
+    assert [r["test_accuracy"] for r in after] == [r["test_accuracy"] for r in expected]
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        bench.main([*args[:-4], "--train-limit", "512", "--test-limit", "64", *both, "--resume", str(behind)])
+    assert refused.value.code == 2
+    assert "--train-limit is 512 here but the run was started with 256" in capsys.readouterr().err
+    clock = behind / "mobilenetv2__fashion_mnist__xailab" / "clock.json"
+    clock.write_text(json.dumps({"rows": json.loads(clock.read_text())["rows"][:1]}))  # behind its checkpoint
+    assert bench.main([*args, *both, "--resume", str(behind)]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    assert len(list(behind.glob("mobilenetv2__fashion_mnist__xailab.interrupted-*"))) == 1
+    restarted = json.loads((behind / "time_to_accuracy.json").read_text())["rows"][1]["per_epoch"]
+    assert [r["test_accuracy"] for r in restarted] == [r["test_accuracy"] for r in expected]

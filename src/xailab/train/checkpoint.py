@@ -103,6 +103,26 @@ def save_checkpoint(
     return save_tensors(run_dir / "checkpoint.safetensors", tensors, metadata={"xailab": json.dumps(meta)})
 
 
+def checkpoint_info(run_dir: Path) -> dict[str, Any]:
+    """The JSON part of ``run_dir/checkpoint.safetensors`` (epoch, history, schedule...) without reading its
+    tensors; CheckpointError when the file is absent or not an xailab training checkpoint."""
+    path = run_dir / "checkpoint.safetensors"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir} has no checkpoint.safetensors: nothing to resume (start a new run instead)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("xailab")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); delete it or re-run training"
+        ) from None
+    if meta is None:
+        raise CheckpointError(f"{path} is not an xailab training checkpoint (no 'xailab' metadata)")
+    return dict(json.loads(meta))
+
+
 def load_checkpoint(
     run_dir: Path,
     model: nn.Module,
@@ -115,16 +135,8 @@ def load_checkpoint(
     checkpoint without one of them raises (it was written by another recipe).
     """
     path = run_dir / "checkpoint.safetensors"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{run_dir} has no checkpoint.safetensors: nothing to resume (start a new run instead)"
-        )
+    info = checkpoint_info(run_dir)
     tensors = load_tensors(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("xailab")
-    if meta is None:
-        raise CheckpointError(f"{path} is not an xailab training checkpoint (no 'xailab' metadata)")
-    info = json.loads(meta)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_state, strict=True)
