@@ -255,6 +255,31 @@ def test_a_misspelt_study_dataset_option_is_refused(tmp_path, capsys):
     assert "Did you mean 'test_fraction'" in err
 
 
+def test_explain_and_assess_folders_are_locked_and_never_mixed(tiny_run, tmp_path, capsys):
+    """A folder another process writes is refused (one line naming it, exit 2), for ``explain`` and ``assess``;
+    ``explain`` into a folder of other explanations is refused instead of mixing (or silently reusing) them,
+    and the same explanations again reuse the folder."""
+    from xailab.io import folder_lock
+
+    out = tmp_path / "e"
+    first = ["explain", str(tiny_run), "--methods", "saliency", "--n", "4", "--out", str(out)]
+    assert main(first) == 0
+    again = [[*first[:-2], "--split", "train", "--out", str(out)], [*first[:3], "gradcam", *first[4:]]]
+    for argv in again:  # other images; another method
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"the output folder {out} (out_dir, --out) already holds explanations" in err
+        assert "Traceback" not in err
+    assert main(first) == 0  # the same job: its parts are read back
+    for command, kind in (("explain", "explanation folder"), ("assess", "assessment folder")):
+        busy = tmp_path / f"busy-{command}"
+        with folder_lock(busy, "held by a test"):
+            code = main([command, str(tiny_run), "--methods", "saliency", "--n", "2", "--out", str(busy)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"the {kind} {busy} is in use by another xailab process" in err
+        assert "Traceback" not in err and not (busy / "index.csv").exists()
+
+
 def test_mnist_error_names_the_real_download_option(tmp_path, capsys):
     argv = ["train", "--model", "mnist_cnn", "--dataset", "mnist", "--out", str(tmp_path / "runs")]
     assert main([*argv, "--data-dir", str(tmp_path / "empty")]) == 2

@@ -57,6 +57,40 @@ def test_explain_to_disk_streams_parts_and_resumes(tmp_path, digits, monkeypatch
     assert list(csv.reader((out / "index.csv").open())) == rows
 
 
+def test_a_folder_of_other_explanations_is_refused_before_any_work(tmp_path, digits, monkeypatch):
+    """Parts are reused only when their key says they are this job's: other images, another method or its
+    parameters, fewer images (a leftover part) or other weights are refused, naming the folder and the part,
+    before anything is computed (they were silently read back as this job's maps before)."""
+    import pytest
+
+    from xailab.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn", in_channels=1, num_classes=10).eval()
+    images = digits["test"].images
+    common = (digits.mean, digits.std, digits.class_names)
+    out = explain_to_disk(model, images[:4], *common, ["saliency"], tmp_path / "x", batch_size=2)
+    other = create_model("mnist_cnn", in_channels=1, num_classes=10).eval()  # other random weights
+    cases = [
+        (model, images[4:8], ["saliency"], {}),
+        (model, images[:4], ["gradcam"], {}),
+        (model, images[:4], ["saliency"], {"saliency": {"abs": False}}),
+        (model, images[:2], ["saliency"], {}),  # part-00001 is no part of this job
+        (other, images[:4], ["saliency"], {}),
+    ]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("computed before refusing")
+
+    monkeypatch.setattr(export, "explain", fail)
+    for net, x, methods, params in cases:
+        with pytest.raises(
+            ConfigError, match=r"already holds explanations of other .*attributions/part-0000"
+        ):
+            explain_to_disk(net, x, *common, methods, out, batch_size=2, params=params)
+    explain_to_disk(model, images[:4], *common, ["saliency"], out, batch_size=2)  # this job: read back
+
+
 def test_explain_a_trained_run_and_user_images(tmp_path, digits):
     run = train(
         {"model": "mnist_cnn", "dataset": "digits", "epochs": 3, "batch_size": 32, "precision": "fp32"},

@@ -22,6 +22,7 @@ from xailab.explain.base import check_applicable, resolve_method, validate_metho
 from xailab.explain.export import explain_to_disk
 from xailab.explain.figures import CMAP, normalise_map, overlay
 from xailab.explain.lrp.composites import with_dataset_bounds
+from xailab.io import folder_lock
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
 from xailab.metrics.assessment import assess, finished_parts, remove_parts
 from xailab.metrics.base import MetricPrecision
@@ -347,22 +348,23 @@ def assess_run(
     params = with_dataset_bounds(params, chosen, run.mean, run.std)
     images = run_dataset(run, data_dir)[split].images[:n]
     inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
-    record = assess(
-        run.model,
-        inputs,
-        None,
-        chosen,
-        list(metrics) if metrics else [*DEFAULT_METRICS, "model_randomisation"],
-        model_name=run.name,
-        method_params=params,
-        metric_params=metric_params,
-        batch_size=batch_size,
-        seed=seed,
-        precision=metric_precision,
-        resume_dir=Path(out_dir) / ASSESS_PARTS_DIR,  # a killed `xailab assess` resumes method by method
-    )
-    write_assessment(record, out_dir)
-    remove_parts(Path(out_dir) / ASSESS_PARTS_DIR)
+    with folder_lock(out_dir, "assessment folder"):  # a second `xailab assess` into it stops with a message
+        record = assess(
+            run.model,
+            inputs,
+            None,
+            chosen,
+            list(metrics) if metrics else [*DEFAULT_METRICS, "model_randomisation"],
+            model_name=run.name,
+            method_params=params,
+            metric_params=metric_params,
+            batch_size=batch_size,
+            seed=seed,
+            precision=metric_precision,
+            resume_dir=Path(out_dir) / ASSESS_PARTS_DIR,  # a killed `xailab assess` resumes method by method
+        )
+        write_assessment(record, out_dir)
+        remove_parts(Path(out_dir) / ASSESS_PARTS_DIR)
     return record.to_json()
 
 

@@ -1,19 +1,25 @@
-"""Durable file writes and folder locks.
+"""Durable file writes, folder locks and the digests that key resumable work.
 
 Atomic writes: a crash (or a power loss) mid-write never leaves a half-written or empty file under the
-final name. Folder locks: two processes never write the same run or study folder at once.
+final name. Folder locks: two processes never write the same run or study folder at once. Digests: a
+killed job reuses a finished piece of work only when everything that decided it (weights, inputs,
+parameters) is the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from xailab.errors import LockedError
 
@@ -132,3 +138,13 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
         if created:
             with contextlib.suppress(OSError):  # not empty: keep it
                 folder.rmdir()
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (any dtype, any device, any layout)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from xailab.config import from_dict
 from xailab.errors import ConfigError
 from xailab.explain.base import preserved_state, resolve_target
-from xailab.io import atomic_write, read_json, write_json
+from xailab.io import atomic_write, read_json, tensor_digest, write_json
 from xailab.metrics.agreement import agreement_matrix
 from xailab.metrics.base import (
     DEFAULT_METRICS,
@@ -194,16 +194,6 @@ class MethodPart:
     sanity: SanityCurves | None
     map: Tensor
     sanity_maps: Tensor | None
-
-
-def tensor_digest(*tensors: Tensor) -> str:
-    """SHA-256 of the tensors' shapes, dtypes and bytes (any dtype, any device, any layout)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return h.hexdigest()
 
 
 def _part_key(request: Mapping[str, Any]) -> str:
