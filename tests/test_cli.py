@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import struct
 import zlib
@@ -217,12 +218,15 @@ def test_method_options_reach_the_methods(tiny_run, tmp_path):
     """``--method-option`` values are the method's parameters: the saved maps equal the API's with them."""
     from safetensors.torch import load_file
 
+    from xailab.data import sample_indices
+
     argv = ["explain", str(tiny_run), "--n", "3", "--methods", "integrated_gradients,saliency"]
     options = ["--method-option", "integrated_gradients.method=riemann_left", "--method-option", "n_steps=4"]
     assert main([*argv, *options, "--out", str(tmp_path / "ex")]) == 0
     saved = load_file(str(next((tmp_path / "ex" / "attributions").glob("*.safetensors"))))
     run = api.load_run(tiny_run)
-    images = load_dataset("digits", image_size=run.image_size)["test"].images[:3]
+    test = load_dataset("digits", image_size=run.image_size)["test"]
+    images = test.images[sample_indices(test.labels, 3)]  # the default sample: the classes in turn
     expected = api.explain_images(
         run, images, "integrated_gradients", params={"n_steps": 4, "method": "riemann_left"}
     )
@@ -278,6 +282,31 @@ def test_explain_and_assess_folders_are_locked_and_never_mixed(tiny_run, tmp_pat
         err = capsys.readouterr().err
         assert code == 2 and f"the {kind} {busy} is in use by another xailab process" in err
         assert "Traceback" not in err and not (busy / "index.csv").exists()
+
+
+def test_explain_and_assess_take_a_balanced_sample_unless_told_first(tiny_run, tmp_path, capsys):
+    """``--sample`` (default balanced: the classes in turn) decides which test images are explained and
+    assessed; index.csv names them by their index in the split; a bad value is one line."""
+    from xailab.data import sample_indices
+
+    labels = load_dataset("digits")["test"].labels
+    for how in ("balanced", "first"):
+        out = tmp_path / how
+        flags = [] if how == "balanced" else ["--sample", "first"]
+        assert (
+            main(["explain", str(tiny_run), "--methods", "saliency", "--n", "5", *flags, "--out", str(out)])
+            == 0
+        )
+        names = [r[0] for r in list(csv.reader((out / "index.csv").open()))[1:]]
+        assert names == [f"test-{i}" for i in sample_indices(labels, 5, how).tolist()]
+    assert names == [f"test-{i}" for i in range(5)]  # the last: first
+    balanced = [r[1] for r in list(csv.reader((tmp_path / "balanced" / "index.csv").open()))[1:]]
+    assert len(set(balanced)) == 5  # five images, five classes
+    assert main(["assess", str(tiny_run), "--methods", "saliency", "--metrics", "sparseness", "--n", "3",
+                 "--sample", "random", "--out", str(tmp_path / "a")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "assess --sample: 'random' is not valid; choose one of 'balanced', 'first'" in err
+    assert "Traceback" not in err
 
 
 def test_mnist_error_names_the_real_download_option(tmp_path, capsys):
@@ -337,7 +366,7 @@ def test_lrp_z_box_bounds_of_an_assessment_are_the_datasets_unless_given(tiny_ru
     range (``box_bounds(mean, std)``): its maps are those of an explicit call with those bounds; bounds the
     user gives win."""
     import xailab.api
-    from xailab.data.transforms import to_model_input
+    from xailab.data.transforms import sample_indices, to_model_input
     from xailab.explain.lrp import box_bounds
 
     calls: list[tuple[dict, dict]] = []
@@ -359,8 +388,8 @@ def test_lrp_z_box_bounds_of_an_assessment_are_the_datasets_unless_given(tiny_ru
     assert params["lrp"]["low"] == pytest.approx(low.tolist()) and params["lrp"]["high"] == pytest.approx(
         high.tolist()
     )
-    images = load_dataset("digits", image_size=run.image_size)["test"].images[:3]
-    x = to_model_input(images, run.mean, run.std)
+    test = load_dataset("digits", image_size=run.image_size)["test"]
+    x = to_model_input(test.images[sample_indices(test.labels, 3)], run.mean, run.std)
     expected = api.explain(run.model, x, "lrp", composite="epsilon_gamma_box", low=low, high=high)
     torch.testing.assert_close(maps["lrp"], expected, rtol=1e-5, atol=1e-7)
     mine = {"composite": "epsilon_gamma_box", "low": -5.0, "high": 5.0}

@@ -24,6 +24,7 @@ from xailab.data import (
     random_crop,
     random_hflip,
     resize_uint8,
+    sample_indices,
     stratified_split,
     to_channels,
     to_model_input,
@@ -326,6 +327,19 @@ def test_each_dataset_with_a_folder_declares_its_status_check():
 
     checked = {name for name in DATASETS.names() if DATASETS.get(name).status is not None}
     assert checked == {"mnist", "fashion_mnist", "cifar10", "chest_xray"}
+
+
+def test_sample_indices_take_the_classes_in_turn():
+    """Known answers: a split stored class by class (0 0 0 0 1 1 2 2 2) gives one image of each class, then
+    the next of each, in split order within a class; a class that runs out is skipped; ``first`` is the
+    split's order; ``n`` beyond the split gives all of it."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    assert sample_indices(labels, 4).tolist() == [0, 4, 6, 1]
+    assert sample_indices(labels, 100).tolist() == [0, 4, 6, 1, 5, 7, 2, 8, 3]
+    assert sample_indices(labels, 3, "first").tolist() == [0, 1, 2]
+    assert sample_indices(torch.tensor([2, 0, 2, 1]), 3).tolist() == [1, 3, 0]  # class order, not split order
+    with pytest.raises(ValueError, match="'balanced' or 'first'"):
+        sample_indices(labels, 2, "random")  # type: ignore[arg-type]
 
 
 def test_stratified_split_proportions_and_determinism():

@@ -417,6 +417,9 @@ def test_metric_precision_is_part_of_the_cell_key_but_the_default_keeps_old_keys
     cell = expand_cells(spec)[0]
     explain_part = {k: v for k, v in spec.to_dict().items() if k not in runner.CELL_DEFINING_KEYS}
     del explain_part["metric_precision"]
+    explain_part["explain_sample"] = (
+        "balanced"  # not the default then: records of the first images are redone
+    )
     old = {
         "version": runner.CELL_KEY_VERSION,
         "recipe": runner.config_hash(cell.config),
@@ -428,3 +431,35 @@ def test_metric_precision_is_part_of_the_cell_key_but_the_default_keeps_old_keys
     assert cell_key(spec, cell) == old_key
     auto = spec_from_dict(tiny(metric_precision="auto"))
     assert auto.metric_precision == "auto" and cell_key(auto, expand_cells(auto)[0]) != old_key
+
+
+def test_explain_sample_takes_the_classes_in_turn_and_first_keeps_old_records(tmp_path):
+    """A cell explains a balanced sample of its test split by default (the classes in turn: a split stored
+    class by class is not judged on its first class), recorded in explanations.safetensors; ``first`` explains
+    the first n, and its cell key is the key of records made before the option (they stay valid)."""
+    from xailab.data import load_dataset, sample_indices
+
+    labels = load_dataset("digits", image_size=16)["test"].labels
+    keys = {}
+    for how in ("balanced", "first"):
+        spec = spec_from_dict(
+            tiny(option_grid={}, n_explain=6, n_misclassified=0, sanity_method="", explain_sample=how)
+        )
+        (cell,) = expand_cells(spec)
+        record = run_cell(CellTask(spec, cell, str(tmp_path / how)))
+        saved = load_file(str(tmp_path / how / cell.name / "explanations.safetensors"))
+        assert (
+            torch.equal(saved["indices"], sample_indices(labels, 6, how))
+            and record["explain"]["sample"] == how
+        )
+        assert torch.equal(saved["labels"], labels[saved["indices"]])
+        keys[how] = cell_key(spec, cell)
+    assert saved["indices"].tolist() == list(range(6))
+    balanced = load_file(str(tmp_path / "balanced" / cell.name / "explanations.safetensors"))
+    assert sorted(balanced["labels"].tolist()) == list(range(6))  # six images, six classes
+    part = {k: v for k, v in spec.to_dict().items() if k not in runner.CELL_DEFINING_KEYS}
+    del part["metric_precision"], part["explain_sample"]
+    before = {"version": runner.CELL_KEY_VERSION, "recipe": runner.config_hash(cell.config), "epochs": cell.config.epochs,
+              "early_stopping": cell.config.early_stopping, "explain": part}  # fmt: skip
+    assert keys["first"] == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    assert keys["balanced"] != keys["first"]

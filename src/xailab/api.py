@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from xailab.config import bounded, from_dict
 from xailab.data import Dataset, dataset_status, list_datasets, load_dataset
-from xailab.data.transforms import resize_uint8, to_channels, to_model_input
+from xailab.data.transforms import Sample, resize_uint8, sample_indices, to_channels, to_model_input
 from xailab.device import resolve_device
 from xailab.errors import ConfigError, DatasetError, did_you_mean
 from xailab.explain import applicable_methods, explain, list_methods
@@ -272,15 +272,17 @@ def explain_run(
     batch_size: int = 16,
     method_params: Mapping[str, Mapping[str, Any]] | None = None,
     precision: Precision = "fp32",
+    sample: Sample = "balanced",
 ) -> Path:
-    """Explain the first ``n`` images of a run's ``split`` (or the user's ``image_files``) with ``methods``
-    (default: all), writing attributions, ``index.csv`` and figures to ``out_dir`` (see ``explain_to_disk``).
+    """Explain ``n`` images of a run's ``split`` (``sample``: ``balanced``, the classes in turn, or the
+    ``first``; see ``xailab.data.sample_indices``), or the user's ``image_files``, with ``methods`` (default:
+    all), writing attributions, ``index.csv`` and figures to ``out_dir`` (see ``explain_to_disk``).
 
     ``method_params``: method -> its parameters (e.g. ``{"integrated_gradients": {"n_steps": 16,
     "internal_batch_size": 64}}``), validated up front (LRP's z-B bounds default to the run's normalised data
     range, ``with_dataset_bounds``); ``precision``: see ``explain``."""
-    if n < 1:
-        raise ConfigError(f"n must be at least 1, got {n}")
+    checked = options(ExplainOptions, "explain_run", n=n, sample=sample)
+    n, sample = checked.n, checked.sample
     run = _as_run(run)
     chosen, params = _method_list(methods, method_params, run.model)
     params = with_dataset_bounds(params, chosen, run.mean, run.std)
@@ -290,8 +292,9 @@ def explain_run(
         names = [Path(f).name for f in image_files]
     else:
         split_set = run_dataset(run, data_dir)[split]
-        images, labels = split_set.images[:n], split_set.labels[:n]
-        names = [f"{split}-{i}" for i in range(images.shape[0])]
+        index = sample_indices(split_set.labels, n, sample)
+        images, labels = split_set.images[index], split_set.labels[index]
+        names = [f"{split}-{i}" for i in index.tolist()]  # the split's own indices
     return explain_to_disk(
         run.model,
         images,
@@ -327,9 +330,11 @@ def assess_run(
     device: str | torch.device = "cpu",
     method_params: Mapping[str, Mapping[str, Any]] | None = None,
     metric_precision: MetricPrecision = "fp32",
+    sample: Sample = "balanced",
     **metric_params: Any,
 ) -> dict[str, Any]:
-    """Score the explanations of a run's predictions on the first ``n`` images of ``split`` by every method
+    """Score the explanations of a run's predictions on ``n`` images of ``split`` (``sample``: ``balanced``,
+    the classes in turn, or the ``first``; see ``xailab.data.sample_indices``) by every method
     in ``methods`` (default: all, with ``method_params``: method -> its parameters) and metric in
     ``metrics`` (default: ``DEFAULT_METRICS`` plus the model-randomisation sanity check), by the one
     assessment engine (``xailab.metrics.assess``), writing its tables and figures to ``out_dir``
@@ -338,15 +343,13 @@ def assess_run(
     ``auto`` the fast mode: bf16 only where the autotuner measured it faster here; ``bf16``; see
     ``xailab.metrics.base``). LRP's z-B bounds default to the run's normalised data range
     (``with_dataset_bounds``). Returns the record's JSON form (what ``scores.json`` holds)."""
-    if n < 1:
-        raise ConfigError(f"n must be at least 1, got {n}")
-    metric_precision = options(
-        AssessOptions, "assess_run", metric_precision=metric_precision
-    ).metric_precision
+    checked = options(AssessOptions, "assess_run", n=n, metric_precision=metric_precision, sample=sample)
+    n, metric_precision, sample = checked.n, checked.metric_precision, checked.sample
     run = _as_run(run, device=device)
     chosen, params = _method_list(methods, method_params, run.model)
     params = with_dataset_bounds(params, chosen, run.mean, run.std)
-    images = run_dataset(run, data_dir)[split].images[:n]
+    split_set = run_dataset(run, data_dir)[split]
+    images = split_set.images[sample_indices(split_set.labels, n, sample)]
     inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
     with folder_lock(out_dir, "assessment folder"):  # a second `xailab assess` into it stops with a message
         record = assess(
@@ -412,12 +415,19 @@ class PredictOptions:
     top_k: int = bounded(3, low=1, high=1000, help="how many classes, most probable first")
 
 
+SAMPLE_HELP = (
+    "which images of the split: balanced (the classes in turn: a split stored class by class is not judged "
+    "on its first class alone) or first (the first n)"
+)
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     """The bounded options of ``xailab explain`` (``explain_run``)."""
 
     n: int = bounded(64, low=1, high=1_000_000, help="number of images")
     batch_size: int = bounded(16, low=1, high=1 << 16, help="images explained per call")
+    sample: Sample = bounded("balanced", help=SAMPLE_HELP)  # noqa: RUF009 (a str Literal is immutable)
 
 
 @dataclass(frozen=True)
@@ -427,6 +437,7 @@ class AssessOptions:
     n: int = bounded(256, low=1, high=1_000_000, help="number of test images")
     batch_size: int = bounded(64, low=1, high=1 << 16, help="images explained per call")
     seed: int = bounded(0, low=0, high=2**63 - 1, help="seed of the random parts of the metrics")
+    sample: Sample = bounded("balanced", help=SAMPLE_HELP)  # noqa: RUF009 (a str Literal is immutable)
     # a Literal: the one validation layer refuses any other value, naming the valid ones
     metric_precision: MetricPrecision = bounded(  # noqa: RUF009 (a str Literal is immutable)
         "fp32",

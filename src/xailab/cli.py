@@ -231,6 +231,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "explain",
         n=args.n if args.n is not None else (8 if args.untrained else None),
         batch_size=args.batch_size,
+        sample=args.sample,
     )
     params = _method_params(args, methods)
     if args.untrained:
@@ -255,6 +256,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             batch_size=opts.batch_size,
             method_params=params,
             precision=args.precision,
+            sample=opts.sample,
         )
     print(f"explanations: {out}/ (index.csv, grid.png, panels/, attributions/)")
     return 0
@@ -283,6 +285,7 @@ def cmd_assess(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         metric_precision=args.metric_precision,
+        sample=args.sample,
     )
     params = _method_params(args, methods)
     # A killed assessment of this folder: what it finished is read back if the request is the same.
@@ -302,6 +305,7 @@ def cmd_assess(args: argparse.Namespace) -> int:
         seed=opts.seed,
         method_params=params,
         metric_precision=opts.metric_precision,
+        sample=opts.sample,
     )
     rows = [
         {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items() if k != "model"}
@@ -372,6 +376,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"report: {report} (and results.csv, results.md next to it)")
     return 0
+
+
+def _add_sample_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample", metavar="{balanced,first}", help=api.SAMPLE_HELP + " (default: balanced)")
 
 
 def _add_method_option(p: argparse.ArgumentParser) -> None:
@@ -446,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=_strict_int, help="number of images (default: 64, or 8 with --untrained)")
     p.add_argument("--images", nargs="+", help="explain these image files instead of a split")
+    _add_sample_option(p)
     p.add_argument("--out", default="explanations", help="output folder (default: explanations)")
     p.add_argument("--batch-size", type=_strict_int, default=16, help="images explained per call")
     p.add_argument("--data-dir")
@@ -478,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=_strict_int, default=256, help="number of test images (default: 256)")
     p.add_argument("--split", default="test")
+    _add_sample_option(p)
     p.add_argument("--out", default="assessment", help="output folder (default: assessment)")
     p.add_argument(
         "--batch-size", type=_strict_int, default=64, help="images explained per call (default: 64)"

@@ -29,10 +29,12 @@ from xailab.data.base import (
 )
 from xailab.data.download import fetch
 from xailab.data.transforms import (
+    Sample,
     augment_batch,
     random_crop,
     random_hflip,
     resize_uint8,
+    sample_indices,
     stratified_split,
     to_channels,
     to_model_input,
@@ -46,6 +48,7 @@ __all__ = [
     "DatasetSpec",
     "ImageSet",
     "LoadRequest",
+    "Sample",
     "augment_batch",
     "channel_stats",
     "dataset_folder",
@@ -60,6 +63,7 @@ __all__ = [
     "register_dataset",
     "register_status",
     "resize_uint8",
+    "sample_indices",
     "stratified_split",
     "to_channels",
     "to_model_input",

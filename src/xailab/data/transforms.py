@@ -7,6 +7,7 @@ generator's device and then moved to the images' device, so a CPU generator can 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from xailab.data.base import Augment
 # ITU-R BT.601 luma weights in 16-bit fixed point, exactly as Pillow's convert("L") uses them,
 # so tensor conversion and decode-time conversion of image folders give identical pixels.
 _LUMA_WEIGHTS = (19595, 38470, 7471)
+
+# Which images of a split are explained and assessed (``sample_indices``).
+Sample = Literal["balanced", "first"]
 
 
 def _draw_randint(high: int, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -118,3 +122,26 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
     is_val = rank < torch.repeat_interleave(n_val, counts)
     index = perm[order]
     return index[~is_val].sort().values, index[is_val].sort().values
+
+
+def sample_indices(labels: Tensor, n: int, how: Sample = "balanced") -> Tensor:
+    """The indices ``[min(n, N)]`` of the images of a split (``labels`` ``[N]``) to explain and assess.
+
+    ``first``: ``0 .. n-1``, the split's own order. ``balanced``: the classes in turn — the first image of
+    every class (in class order), then the second of every class, and so on; a class that runs out is
+    skipped — in the split's order within a class. A split stored class by class (an image folder: the
+    CIFAR-10 JPEG copy, the chest X-rays, whose first 234 test images are all NORMAL) is then not judged on
+    its first class alone, and the first ``k`` of the sample (a report's gallery) show every class. On a
+    split already in random order (the official MNIST files) both are fair samples, of different images.
+    """
+    labels = labels.cpu().long()
+    count = min(n, labels.numel())
+    if how == "first":
+        return torch.arange(count)
+    if how != "balanced":
+        raise ValueError(f"how must be 'balanced' or 'first', got {how!r}")
+    order = torch.sort(labels, stable=True).indices  # grouped by class, the split's order within a class
+    _classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(labels.numel()) - torch.repeat_interleave(starts, counts)  # position within its class
+    return order[torch.sort(rank, stable=True).indices][:count]  # by rank, then class

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from xailab.config import CELL_REFERENCE, cell_references
 from xailab.data import Dataset, load_dataset
-from xailab.data.transforms import to_model_input
+from xailab.data.transforms import sample_indices, to_model_input
 from xailab.device import resolve_device
 from xailab.errors import CheckpointError, ConfigError, XailabError
 from xailab.explain.base import explain, model_capabilities, resolve_method
@@ -184,6 +184,8 @@ def cell_key(spec: StudySpec, cell: Cell) -> str:
     explain_part = {k: v for k, v in spec.to_dict().items() if k not in CELL_DEFINING_KEYS}
     if explain_part.get("metric_precision") == "fp32":  # the default: records from before the key stay valid
         del explain_part["metric_precision"]
+    if explain_part.get("explain_sample") == "first":  # how records were made before the key: still valid
+        del explain_part["explain_sample"]
     payload = {
         "version": CELL_KEY_VERSION,
         "recipe": config_hash(cell.config),
@@ -486,7 +488,8 @@ def assess_cell(
     *,
     quadrants: bool = False,
 ) -> dict[str, Any]:
-    """Explain the first ``spec.n_explain`` test images with every method that applies to the cell's model,
+    """Explain ``spec.n_explain`` test images (``spec.explain_sample``: balanced over the classes, or the
+    first) with every method that applies to the cell's model,
     score the maps with every metric, compare the methods, run the sanity check and draw the cell's tiles and
     figures; the cell's record. ``quadrants``: on a two-class dataset, also the galleries of true and false
     positives and negatives. LRP's z-B rule is bounded by the dataset's normalised data range unless the
@@ -501,15 +504,17 @@ def assess_cell(
     pred = predict_test(run, dataset)
     labels = test.labels.cpu()
 
-    n = min(spec.n_explain, len(test))
-    images = test.images[:n]
+    chosen = sample_indices(labels, spec.n_explain, spec.explain_sample)  # [n] test indices
+    n = chosen.numel()
+    images, labels, predicted = test.images[chosen], labels[chosen], pred.predicted[chosen]
+    confidence = pred.probs[chosen].amax(1)
     device = next(model.parameters()).device
     x = to_model_input(images.to(device), dataset.mean, dataset.std).contiguous()
     sanity_methods = sanity_plan(spec.sanity_method, plan.applicable, spec.misclassification_method)
     assessment = assess(
         model,
         x,
-        pred.predicted[:n].to(device),
+        predicted.to(device),
         plan.applicable,
         spec.metrics,
         model_name=cell.name,
@@ -527,7 +532,7 @@ def assess_cell(
     maps = dict(assessment.maps)
     tensors = {f"map.{m}": t.contiguous() for m, t in maps.items()}
     tensors.update(
-        images=images.contiguous(), labels=labels[:n].clone(), predictions=pred.predicted[:n].clone()
+        images=images.contiguous(), labels=labels.clone(), predictions=predicted.clone(), indices=chosen
     )
     atomic_write(cell_dir / "explanations.safetensors", lambda p: save_file(tensors, str(p)))
 
@@ -537,8 +542,8 @@ def assess_cell(
         images[:g],
         {m: t[:g] for m, t in maps.items()},
         [names[int(c)] for c in labels[:g]],
-        [names[int(c)] for c in pred.predicted[:g]],
-        pred.probs[:g].amax(1).tolist(),
+        [names[int(c)] for c in predicted[:g]],
+        confidence[:g].tolist(),
     )
 
     record: dict[str, Any] = {
@@ -563,6 +568,7 @@ def assess_cell(
         "explain": {
             "methods": list(plan.applicable),
             "n": n,
+            "sample": spec.explain_sample,  # which test images: balanced over the classes, or the first n
             "seconds_per_image": dict(assessment.seconds_per_image),
         },
         "skipped_methods": {m: dataclasses.asdict(s) for m, s in plan.skipped.items()},

@@ -13,6 +13,7 @@ from typing import Any
 
 from xailab.config import cell_references, folder_name, from_dict, read_config_file, to_dict
 from xailab.data.base import DATASETS
+from xailab.data.transforms import Sample
 from xailab.errors import ConfigError, UnknownNameError
 from xailab.explain.base import METHODS, resolve_method, validate_method_params
 from xailab.metrics.base import METRICS, MetricPrecision
@@ -33,8 +34,10 @@ class StudySpec:
     fixed options per model, e.g. ``{"keras_cnn": {"padding": "same"}}``; ``option_grid``: per model, option
     -> list of values, every combination becoming its own cell (``{"keras_cnn": {"stride": [1, 2, 3]}}``).
     ``dataset_roots``: read a dataset from this folder instead of the data dir, e.g.
-    ``{"cifar10": "../shared/datasets/cifar10-subset"}``. ``n_explain`` test images are explained with every method and assessed with every metric; the first
-    ``n_gallery`` of them are shown in the report, with up to ``n_misclassified`` wrong predictions.
+    ``{"cifar10": "../shared/datasets/cifar10-subset"}``. ``n_explain`` test images are explained with every method and assessed with every metric
+    (``explain_sample``: ``balanced``, the default, takes the classes in turn, so a test split stored class by
+    class is not judged on its first class alone; ``first``: the first ``n_explain``, as before
+    2026-11-30); the first ``n_gallery`` of them are shown in the report, with up to ``n_misclassified`` wrong predictions.
     ``sanity_method``: the method of the model-randomisation sanity check (empty string: no check; ``all``:
     every method that applies to the cell's model, on the same ``sanity_images`` images — the answer to
     "which methods pass on which architecture").
@@ -65,6 +68,7 @@ class StudySpec:
     sanity_images: int = 4
     seed: int = 0
     metric_precision: MetricPrecision = "fp32"
+    explain_sample: Sample = "balanced"
     # how each cell runs (xailab.study.kinds): grid, or shortcut (planted marker + control)
     kind: str = "grid"
 
