@@ -453,6 +453,8 @@ def test_explain_sample_takes_the_classes_in_turn_and_first_keeps_old_records(tm
             and record["explain"]["sample"] == how
         )
         assert torch.equal(saved["labels"], labels[saved["indices"]])
+        gallery = [g["index"] for g in record["gallery"]]  # named by their index in the test split
+        assert gallery and gallery == saved["indices"][: len(gallery)].tolist()
         keys[how] = cell_key(spec, cell)
     assert saved["indices"].tolist() == list(range(6))
     balanced = load_file(str(tmp_path / "balanced" / cell.name / "explanations.safetensors"))

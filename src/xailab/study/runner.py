@@ -544,6 +544,7 @@ def assess_cell(
         [names[int(c)] for c in labels[:g]],
         [names[int(c)] for c in predicted[:g]],
         confidence[:g].tolist(),
+        indices=chosen[:g].tolist(),  # the images' indices in the test split, as the report names them
     )
 
     record: dict[str, Any] = {
