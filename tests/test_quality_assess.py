@@ -32,7 +32,7 @@ def test_assess_writes_tables_and_figures(digits_run, tmp_path, capsys):
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert {(r["method"], r["metric"]) for r in rows} == {
         (m, k) for m in ("saliency", "gradcam") for k in metrics.split(",")
-    }
+    } | {("chance (random maps)", k) for k in ("deletion_auc", "insertion_auc")}  # the level to beat
     assert all(
         int(r["n"]) == 6 and float(r["ci_low"]) <= float(r["mean"]) <= float(r["ci_high"]) for r in rows
     )
@@ -90,12 +90,44 @@ def test_the_engine_returns_data_and_the_report_draws_it(tmp_path):
     assert Assessment.from_json(json.loads(json.dumps(record.to_json()))) == record
     write_assessment(record, tmp_path)
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
-    assert len(rows) == 6 and {r["better"] for r in rows} == {"lower", "higher"}
+    assert len(rows) == 6 + 1 and {r["better"] for r in rows} == {"lower", "higher"}  # + deletion's chance
+    assert [r["metric"] for r in rows if r["method"] == "chance (random maps)"] == ["deletion_auc"]
     assert (tmp_path / "per_image.csv").read_text().count("\n") == 1 + 2 * 5
     for name in ("deletion_insertion", "sanity_check", "sanity_maps_gradcam", "agreement"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="version"):
         Assessment.from_json({**record.to_json(), "version": 99})
+
+
+def test_the_chance_level_is_the_metrics_on_seeded_noise_and_a_faithful_map_beats_it():
+    """``Assessment.chance``: deletion and insertion of seeded uniform-noise maps (known answer: the same as
+    scoring ``chance_maps`` directly), none for map-only metrics; on a model that reads one pixel, saliency
+    (all mass on that pixel) deletes the evidence at the first step and beats chance by far."""
+    from torch import nn
+
+    from xailab.metrics import evaluate_explanations
+    from xailab.metrics.assessment import chance_maps
+
+    one_pixel = nn.Sequential(nn.Flatten(), nn.Linear(64, 2, bias=False))
+    with torch.no_grad():
+        one_pixel[1].weight.zero_()
+        one_pixel[1].weight[0, 0] = 4.0  # class 0's logit is 4 x pixel (0, 0); class 1's is 0
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2)) + 1.0  # pixel (0,0) > 0: class 0
+    metrics = ["deletion_auc", "insertion_auc", "sparseness"]
+    record = assess(one_pixel, x, None, ["saliency"], metrics, metric_params={"n_steps": 16}, seed=3)
+    assert set(record.chance) == {"deletion_auc", "insertion_auc"}  # not sparseness: noise says nothing there
+    direct = evaluate_explanations(
+        one_pixel, x, None, chance_maps(x, 3), metrics=["deletion_auc"], n_steps=16
+    )
+    assert record.chance["deletion_auc"]["mean"] == pytest.approx(
+        direct["deletion_auc"].mean().item(), abs=1e-6
+    )
+    assert len(record.chance_curves["deletion"]) == 17
+    saliency = record.quality()["saliency"]["deletion_auc"]["mean"]
+    assert saliency < record.chance["deletion_auc"]["mean"] - 0.2  # the pixel goes at step 1, not at random
+    assert assess(one_pixel, x, None, ["saliency"], metrics, with_chance=False).chance == {}
+    old = {k: v for k, v in record.to_json().items() if k not in ("chance", "chance_curves")}
+    assert Assessment.from_json(old).chance == {}  # scores.json written before the chance level
 
 
 def test_legends_name_the_parameters_the_user_set():

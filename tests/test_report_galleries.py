@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from xailab.data.transforms import to_model_input
 from xailab.explain import explain
@@ -116,7 +117,9 @@ def test_side_by_side_shows_each_models_row_for_the_same_images(study):
         rows = [r for r in table["rows"] if "data-cell" in r]
         assert [r["data-cell"] for r in rows] == cells  # one row per model, in study order
         images = {r["data-images"] for r in rows}
-        assert images == {" ".join(str(i) for i in range(N_GALLERY))}  # the same test images, same order
+        explained = load_file(str(study_dir / cells[0] / "explanations.safetensors"))["indices"]
+        # the same test images, in the same order: the first of the cells' balanced sample, by test index
+        assert images == {" ".join(str(i) for i in explained[:N_GALLERY].tolist())}
         # the input row, then each model's maps, all files of the study folder
         assert len(table["images"]) == N_GALLERY * (1 + len(cells))
         for cell in cells:

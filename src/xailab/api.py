@@ -24,7 +24,7 @@ from xailab.explain.figures import CMAP, normalise_map, overlay
 from xailab.explain.lrp.composites import with_dataset_bounds
 from xailab.io import folder_lock
 from xailab.metrics import DEFAULT_METRICS, evaluate_explanations, list_metrics
-from xailab.metrics.assessment import assess, finished_parts, remove_parts
+from xailab.metrics.assessment import CHANCE_LABEL, assess, finished_parts, remove_parts
 from xailab.metrics.base import MetricPrecision
 from xailab.models import create_model, list_models, model_input_size, model_table, random_init_options
 from xailab.report.assessment import write_assessment
@@ -38,6 +38,7 @@ from xailab.train.runs import read_run_config
 Precision = Literal["fp32", "bf16", "auto"]  # auto: bf16 where measured faster and accurate
 
 __all__ = [
+    "CHANCE_LABEL",
     "AssessOptions",
     "ExplainOptions",
     "PredictOptions",

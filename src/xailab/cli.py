@@ -311,6 +311,12 @@ def cmd_assess(args: argparse.Namespace) -> int:
         {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items() if k != "model"}
         for r in report["scores"]
     ]
+    better = {r["metric"]: r["better"] for r in report["scores"]}
+    rows += [  # the level on random maps, which a method must beat
+        {"method": api.CHANCE_LABEL, "metric": metric, "better": better.get(metric, ""),
+         **{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in stats.items()}}
+        for metric, stats in report.get("chance", {}).items()
+    ]  # fmt: skip
     print(_table(rows, ["method", "metric", "mean", "ci_low", "ci_high", "n", "better"]))
     print(f"assessment: {args.out}/ (scores.csv, scores.json, per_image.csv, figures)")
     return 0

@@ -54,6 +54,10 @@ CURVE_METRICS: dict[str, Literal["deletion", "insertion"]] = {
     "insertion_auc": "insertion",
 }
 RANDOMISATION_SEED = 42  # model_randomisation's default seed (Quantus's MPRT)
+# The chance level of the quality metrics: the same metrics on maps of uniform noise, seeded with the
+# assessment's seed plus this (a map that knows nothing of the model or the image: a method must beat it).
+CHANCE_SEED_OFFSET = 7919
+CHANCE_LABEL = "chance (random maps)"
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,10 @@ class Assessment:
     seed: int
     version: int = ASSESSMENT_VERSION
     method_labels: dict[str, str] = field(default_factory=dict)
+    # metric -> {"mean", "ci_low", "ci_high", "n"} of seeded uniform-noise maps (``chance_metrics``), and
+    # their mean deletion / insertion curves: the level a method must beat (empty in older records)
+    chance: dict[str, dict[str, float]] = field(default_factory=dict)
+    chance_curves: dict[str, tuple[float, ...]] = field(default_factory=dict)
     maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
     sanity_maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
@@ -154,6 +162,25 @@ class Assessment:
             )
         fields = {("sanity" if k == "sanity_check" else k): v for k, v in data.items()}
         return from_dict(cls, fields, where="assessment record")
+
+
+def chance_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metrics of ``metrics`` that have a chance level: they score given maps (no re-explaining) against
+    the model (perturbed copies: deletion, insertion, faithfulness correlation, ...) or a ground-truth mask
+    (localisation). Sparseness and complexity look at the map alone: noise's value says nothing of a method."""
+    return [
+        m
+        for m in metrics
+        if not METRICS.get(m).needs_method
+        and (METRICS.get(m).scores_copies or METRICS.get(m).accepts("mask"))
+    ]
+
+
+def chance_maps(inputs: Tensor, seed: int) -> Tensor:
+    """Uniform noise maps ``[N, 1, H, W]`` for ``inputs`` ``[N, C, H, W]``, seeded (the same on any device)."""
+    generator = torch.Generator().manual_seed(seed + CHANCE_SEED_OFFSET)
+    n, _c, h, w = inputs.shape
+    return torch.rand(n, 1, h, w, generator=generator).to(inputs.device)
 
 
 def method_label(method: str, params: Mapping[str, Any]) -> str:
@@ -302,6 +329,7 @@ def assess(
     agreement: bool | None = None,
     precision: MetricPrecision = "fp32",
     resume_dir: str | Path | None = None,
+    with_chance: bool = True,
 ) -> Assessment:
     """Assess ``methods`` on ``inputs`` ``[N, C, H, W]`` (normalised as the model expects) for ``targets``
     ``[N]`` (None: the predicted classes) by ``metrics``; the record of what was found.
@@ -318,7 +346,10 @@ def assess(
     atomically, keyed by the model's weights, the inputs, targets and every setting that decides the part); a
     later call with the same request reads those parts instead of computing them, so a killed assessment
     restarts at the method it was on. The caller removes the folder once its record is written
-    (``remove_parts``).
+    (``remove_parts``). ``with_chance``: also score seeded uniform-noise maps by the metrics that have a
+    chance level (``chance_metrics``: deletion, insertion, faithfulness correlation, localisation...), the
+    level a method has to beat (``Assessment.chance``); a method no better than noise on a model and data
+    says little about them, whatever its rank among the methods.
     """
     method_params = dict(method_params or {})
     metric_params = dict(metric_params or {})
@@ -340,23 +371,40 @@ def assess(
     sanity_maps: dict[str, Tensor] = {}
     fast: ForwardMode | None = None  # how the removal curves run their forward passes
 
-    def run_method(method: str) -> MethodPart:
+    def curve_scores(
+        attributions: Tensor, names: Sequence[str]
+    ) -> tuple[dict[str, Tensor], dict[str, tuple[float, ...]]]:
+        """The removal-curve metrics among ``names`` of ``attributions``, and their mean curves."""
         nonlocal fast
-        explain_fn = explainers[method]
-        start = time.perf_counter()
-        with preserved_state(model):
-            attributions = chunked_explain(explain_fn, model, inputs, target_t, batch_size)
-        spent = (time.perf_counter() - start) / inputs.shape[0]
         scores: dict[str, Tensor] = {}
         mean_curves: dict[str, tuple[float, ...]] = {}
         for name, mode in CURVE_METRICS.items():
-            if name in metrics:
+            if name in names:
                 fast = fast or forward_mode(model, inputs, precision)  # resolved once
                 curve_kwargs = {"batch_size": fast.chunk, **_curve_params(mode, metric_params)}
                 with preserved_state(model), fast.applied(model):
                     curve = removal_curve(model, inputs, target_t, attributions, mode, **curve_kwargs)
                 scores[name] = trapezoid(curve, 1.0 / (curve.shape[1] - 1)).float().cpu()
                 mean_curves[mode] = tuple(curve.mean(0).tolist())
+        return scores, mean_curves
+
+    def other_scores(attributions: Tensor, names: Sequence[str], explain_fn: Any | None) -> dict[str, Tensor]:
+        """The other metrics among ``names`` (by ``score_explanations``, with the metric parameters they take)."""
+        if not names:
+            return {}
+        kwargs = {p: v for p, v in metric_params.items() if any(METRICS.get(m).accepts(p) for m in names)}
+        with preserved_state(model):
+            return score_explanations(
+                model, inputs, target_t, attributions, names, explain_fn, seed, precision, **kwargs
+            )
+
+    def run_method(method: str) -> MethodPart:
+        explain_fn = explainers[method]
+        start = time.perf_counter()
+        with preserved_state(model):
+            attributions = chunked_explain(explain_fn, model, inputs, target_t, batch_size)
+        spent = (time.perf_counter() - start) / inputs.shape[0]
+        scores, mean_curves = curve_scores(attributions, metrics)
         checked, checked_maps = None, None
         if method in sanity_methods:
             result = model_randomisation(
@@ -367,15 +415,7 @@ def assess(
             checked, checked_maps = _sanity_curves(method, result), result.maps
             if k == inputs.shape[0] and sanity_seed == RANDOMISATION_SEED:  # the metric's own run
                 scores["model_randomisation"] = result.spearman.nanmean(0)
-        rest = [m for m in other if m not in scores]
-        if rest:
-            kwargs = {p: v for p, v in metric_params.items() if any(METRICS.get(m).accepts(p) for m in rest)}
-            with preserved_state(model):
-                scores.update(
-                    score_explanations(
-                        model, inputs, target_t, attributions, rest, explain_fn, seed, precision, **kwargs
-                    )
-                )
+        scores.update(other_scores(attributions, [m for m in other if m not in scores], explain_fn))
         return MethodPart(
             spent,
             mean_curves,
@@ -409,6 +449,14 @@ def assess(
         per_image[method] = part.per_image
         if part.sanity is not None and part.sanity_maps is not None:
             sanity[method], sanity_maps[method] = part.sanity, part.sanity_maps
+    chance: dict[str, dict[str, float]] = {}
+    chance_curves: dict[str, tuple[float, ...]] = {}
+    if with_chance and chance_metrics(metrics):
+        noise = chance_maps(inputs, seed)  # cheap beside any method: no explaining, one set of metric passes
+        names = chance_metrics(metrics)
+        scores, chance_curves = curve_scores(noise, names)
+        scores.update(other_scores(noise, [m for m in names if m not in scores], None))
+        chance = summarise(scores, seed=seed)
     rows = tuple(
         ScoreRow(model_name, method, metric, **stats, better=METRICS.get(metric).better)
         for method in methods
@@ -431,6 +479,8 @@ def assess(
         seconds_per_image=seconds,
         seed=seed,
         method_labels={m: method_label(m, method_params.get(m, {})) for m in methods},
+        chance=chance,
+        chance_curves=chance_curves,
         maps=maps,
         sanity_maps=sanity_maps,
     )

@@ -30,6 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from xailab.io import write_json, write_text
+from xailab.metrics.assessment import CHANCE_LABEL
 from xailab.report.charts import save
 
 if TYPE_CHECKING:  # the record's types only: report/ never runs the metrics' (torch) code
@@ -87,6 +88,10 @@ def scores_csv(record: Assessment) -> str:
     writer.writeheader()
     for row in record.scores:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in vars(row).items()})
+    for metric, stats in record.chance.items():  # the level a method must beat, under its own label
+        better = record.metric_info[metric].better if metric in record.metric_info else ""
+        values = {"model": record.model, "method": CHANCE_LABEL, "metric": metric, **stats, "better": better}
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()})
     return buf.getvalue()
 
 
@@ -112,7 +117,8 @@ def write_assessment(record: Assessment, out_dir: str | Path) -> Path:
     write_json(out / "scores.json", record.to_json())
     write_text(out / "per_image.csv", per_image_csv(record))
     if any(record.curves.values()):
-        save(curves_figure(record.curves, record.method_labels), out / "deletion_insertion.png", dpi=DPI)
+        figure = curves_figure(record.curves, record.method_labels, record.chance_curves)
+        save(figure, out / "deletion_insertion.png", dpi=DPI)
     if record.sanity:
         save(sanity_figure(record.sanity, record.method_labels), out / "sanity_check.png", dpi=DPI)
         for method, maps in record.sanity_maps.items():
@@ -125,10 +131,13 @@ def write_assessment(record: Assessment, out_dir: str | Path) -> Path:
 
 
 def curves_figure(
-    curves: Mapping[str, Mapping[str, Sequence[float]]], labels: Mapping[str, str] | None = None
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    labels: Mapping[str, str] | None = None,
+    chance: Mapping[str, Sequence[float]] | None = None,
 ) -> Figure:
     """Mean deletion and insertion curves of every method (target probability vs fraction of pixels);
-    ``labels``: method -> its legend text (default the method's name)."""
+    ``labels``: method -> its legend text (default the method's name); ``chance``: mode -> the mean curve of
+    random maps, drawn dashed (the level a method must beat)."""
     labels = labels or {}
     modes = [m for m in ("deletion", "insertion") if any(m in c for c in curves.values())]
     fig = Figure(figsize=(5.0 * max(1, len(modes)), 3.6))
@@ -138,6 +147,9 @@ def curves_figure(
             if mode in by_mode:
                 y = np.asarray(by_mode[mode])
                 ax.plot(np.linspace(0, 1, len(y)), y, label=labels.get(method, method))
+        if chance and mode in chance:
+            y = np.asarray(chance[mode])
+            ax.plot(np.linspace(0, 1, len(y)), y, "k--", linewidth=1, label=CHANCE_LABEL)
         ax.set_xlabel(f"fraction of pixels {'removed' if mode == 'deletion' else 'inserted'}")
         ax.set_ylabel("target score")
         ax.set_title(f"{mode} (mean over images)", fontsize=10)

@@ -25,6 +25,7 @@ import jinja2
 from xailab.config import CELL_REFERENCE, cell_references
 from xailab.errors import CheckpointError
 from xailab.io import read_json, write_text
+from xailab.metrics.assessment import CHANCE_LABEL
 from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
 from xailab.report.shortcut import cascade_verdict
@@ -192,7 +193,8 @@ def not_applicable(rec: Record, method: str) -> str | None:
 
 def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged. A
-    method skipped on the cell's model gets a row whose ``na`` says what it needs."""
+    method skipped on the cell's model gets a row whose ``na`` says what it needs; a last row (``chance``)
+    holds the metrics' level on random maps, where the record has it."""
     quality = rec.section("quality", {})
     best: dict[str, str] = {}
     for metric in metrics:
@@ -209,8 +211,19 @@ def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> 
                 "-" if math.isnan(s["mean"]) else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
             )
             cells[metric] = {"text": text, "best": best.get(metric) == method}
-        rows.append({"method": method, "scores": cells, "na": None})
-    rows += [{"method": m, "scores": {}, "na": not_applicable(rec, m)} for m in rec.skipped_methods]
+        rows.append({"method": method, "scores": cells, "na": None, "chance": False})
+    rows += [
+        {"method": m, "scores": {}, "na": not_applicable(rec, m), "chance": False}
+        for m in rec.skipped_methods
+    ]
+    chance = rec.section("chance", {})  # absent in records made before the chance level existed
+    if chance:
+        cells = {
+            m: {"text": f"{chance[m]['mean']:.3f} [{chance[m]['ci_low']:.3f}, {chance[m]['ci_high']:.3f}]"
+                if m in chance and not math.isnan(chance[m]["mean"]) else "-", "best": False}
+            for m in metrics
+        }  # fmt: skip
+        rows.append({"method": CHANCE_LABEL, "scores": cells, "na": None, "chance": True})
     return rows
 
 

@@ -583,6 +583,7 @@ def assess_cell(
     if quadrants and len(names) == 2:
         record["quadrants"] = quadrant_galleries(spec, model, dataset, pred, method, cell_dir)
     record["quality"] = assessment.quality()
+    record["chance"] = assessment.chance  # the metrics' level on random maps, which a method must beat
     record["metric_info"] = {m: vars(i) for m, i in assessment.metric_info.items()}
     record["agreement"] = assessment.to_json()["agreement"]
     record["sanity"] = _sanity_figure(
