@@ -302,6 +302,14 @@ def test_explain_and_assess_take_a_balanced_sample_unless_told_first(tiny_run, t
     assert names == [f"test-{i}" for i in range(5)]  # the last: first
     balanced = [r[1] for r in list(csv.reader((tmp_path / "balanced" / "index.csv").open()))[1:]]
     assert len(set(balanced)) == 5  # five images, five classes
+    assessed = tmp_path / "assessed"
+    assert main(["assess", str(tiny_run), "--methods", "saliency", "--metrics", "sparseness", "--n", "3",
+                 "--out", str(assessed)]) == 0  # fmt: skip
+    rows = list(csv.DictReader((assessed / "per_image.csv").open()))
+    assert [int(r["image"]) for r in rows] == sample_indices(labels, 3).tolist()  # named by test index
+    assert (
+        json.loads((assessed / "scores.json").read_text())["image_ids"] == sample_indices(labels, 3).tolist()
+    )
     assert main(["assess", str(tiny_run), "--methods", "saliency", "--metrics", "sparseness", "--n", "3",
                  "--sample", "random", "--out", str(tmp_path / "a")]) == 2  # fmt: skip
     err = capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -350,7 +351,8 @@ def assess_run(
     chosen, params = _method_list(methods, method_params, run.model)
     params = with_dataset_bounds(params, chosen, run.mean, run.std)
     split_set = run_dataset(run, data_dir)[split]
-    images = split_set.images[sample_indices(split_set.labels, n, sample)]
+    index = sample_indices(split_set.labels, n, sample)
+    images = split_set.images[index]
     inputs = to_model_input(images.to(device), run.mean, run.std).contiguous()
     with folder_lock(out_dir, "assessment folder"):  # a second `xailab assess` into it stops with a message
         record = assess(
@@ -367,6 +369,7 @@ def assess_run(
             precision=metric_precision,
             resume_dir=Path(out_dir) / ASSESS_PARTS_DIR,  # a killed `xailab assess` resumes method by method
         )
+        record = dataclasses.replace(record, image_ids=tuple(index.tolist()))  # per_image.csv names them
         write_assessment(record, out_dir)
         remove_parts(Path(out_dir) / ASSESS_PARTS_DIR)
     return record.to_json()

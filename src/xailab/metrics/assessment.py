@@ -133,6 +133,8 @@ class Assessment:
     # their mean deletion / insertion curves: the level a method must beat (empty in older records)
     chance: dict[str, dict[str, float]] = field(default_factory=dict)
     chance_curves: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # the images' indices in the split they came from, when the caller sampled them (empty: 0 .. N-1)
+    image_ids: tuple[int, ...] = ()
     maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
     sanity_maps: Mapping[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 

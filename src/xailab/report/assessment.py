@@ -96,7 +96,8 @@ def scores_csv(record: Assessment) -> str:
 
 
 def per_image_csv(record: Assessment) -> str:
-    """``per_image.csv``: one row per (method, image) with every metric's score (sorted by metric name)."""
+    """``per_image.csv``: one row per (method, image) with every metric's score (sorted by metric name);
+    ``image`` is the image's index in its split (``Assessment.image_ids``), else its position."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     metric_names = sorted({m for scores in record.per_image.values() for m in scores})
@@ -105,7 +106,8 @@ def per_image_csv(record: Assessment) -> str:
         n = len(next(iter(scores.values()))) if scores else 0
         for i in range(n):
             values = [f"{float(scores[m][i]):.6g}" if m in scores else "" for m in metric_names]
-            writer.writerow([record.model, method, i, *values])
+            image = record.image_ids[i] if record.image_ids else i  # its index in the split
+            writer.writerow([record.model, method, image, *values])
     return buf.getvalue()
 
 
