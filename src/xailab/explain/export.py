@@ -110,93 +110,78 @@ def explain_to_disk(
     predicted classes. ``params`` maps a method to its keyword arguments; ``precision``: see ``explain``.
     """
     out = Path(out_dir)
-    with folder_lock(out, "explanation folder"):
-        return _explain_to_disk(
-            model, images, mean, std, class_names, methods, out, labels, names, batch_size, panels,
-            params or {}, precision,
-        )  # fmt: skip
-
-
-def _explain_to_disk(
-    model: nn.Module,
-    images: Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    class_names: Sequence[str],
-    methods: Sequence[str],
-    out: Path,
-    labels: Tensor | None,
-    names: Sequence[str] | None,
-    batch_size: int,
-    panels: int,
-    params: Mapping[str, Mapping[str, Any]],
-    precision: Literal["fp32", "bf16", "auto"],
-) -> Path:
-    device = next(model.parameters()).device
-    request = {
-        "methods": list(methods),
-        "params": {m: dict(params.get(m, {})) for m in methods},
-        "precision": precision,
-        "mean": list(mean),
-        "std": list(std),
-    }
-    keys = part_keys(model, images, batch_size, request)
-    check_parts(out, keys)
-    names = list(names) if names is not None else [str(i) for i in range(images.shape[0])]
-    rows: list[list[str]] = []
-    grid_maps: list[Tensor] = []
-    predictions: list[str] = []
-    for part, start in enumerate(range(0, images.shape[0], batch_size)):
-        chunk = images[start : start + batch_size]
-        part_file = out / "attributions" / f"part-{part:05d}.safetensors"
-        if part_file.is_file():
-            tensors = load_file(str(part_file))
-        else:
-            x = to_model_input(chunk.to(device), mean, std).contiguous()
-            with torch.no_grad():
-                probs = model.eval()(x).float().softmax(1)
-            top_prob, top_index = probs.topk(min(3, probs.shape[1]), dim=1)
-            prediction = top_index[:, 0]
-            tensors = {
-                "index": torch.arange(start, start + chunk.shape[0]),
-                "prediction": prediction.cpu().clone(),  # a view of top_index: safetensors wants own storage
-                "confidence": top_prob[:, 0].cpu().clone(),
-                "top_index": top_index.cpu(),
-                "top_prob": top_prob.cpu(),
-            }
-            for method in methods:
-                kwargs = {"precision": precision, **params.get(method, {})}  # a method's own precision wins
-                maps = explain(model, x, method, target=prediction, **kwargs)
-                tensors[method] = maps.cpu().contiguous()
-            atomic_write(part_file, _tensor_writer(tensors, keys[part]))
-        for j in range(chunk.shape[0]):
-            i = start + j
-            pred = class_names[int(tensors["prediction"][j])]
-            label = class_names[int(labels[i])] if labels is not None else ""
-            rows.append([names[i], label, pred, f"{float(tensors['confidence'][j]):.6f}"])
-            if i < panels:
-                panel_maps = {m: tensors[m][j] for m in methods}
-                top = [
-                    (class_names[int(c)], float(q))
-                    for c, q in zip(tensors["top_index"][j], tensors["top_prob"][j], strict=True)
-                ]
-                fig = explanation_panel(
-                    chunk[j],
-                    panel_maps,
-                    top,
-                    title=f"{names[i]}: true {label or '?'}, predicted {pred}",
-                )
-                save_figure(fig, out / "panels" / f"{i}.png")
-            if i < GRID_SIZE:
-                grid_maps.append(tensors[methods[0]][j])
-                predictions.append(pred)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", "label", "prediction", "confidence"])
-    writer.writerows(rows)
-    write_text(out / "index.csv", buf.getvalue())
-    if grid_maps:
-        n = len(grid_maps)
-        true = [r[1] or r[2] for r in rows[:n]]
-        save_figure(prediction_grid(images[:n], true, predictions, torch.stack(grid_maps)), out / "grid.png")
-    return out
+    params = params or {}
+    with folder_lock(out, "explanation folder"):  # one writer per folder: parts are reused by key
+        device = next(model.parameters()).device
+        request = {
+            "methods": list(methods),
+            "params": {m: dict(params.get(m, {})) for m in methods},
+            "precision": precision,
+            "mean": list(mean),
+            "std": list(std),
+        }
+        keys = part_keys(model, images, batch_size, request)
+        check_parts(out, keys)
+        names = list(names) if names is not None else [str(i) for i in range(images.shape[0])]
+        rows: list[list[str]] = []
+        grid_maps: list[Tensor] = []
+        predictions: list[str] = []
+        for part, start in enumerate(range(0, images.shape[0], batch_size)):
+            chunk = images[start : start + batch_size]
+            part_file = out / "attributions" / f"part-{part:05d}.safetensors"
+            if part_file.is_file():
+                tensors = load_file(str(part_file))
+            else:
+                x = to_model_input(chunk.to(device), mean, std).contiguous()
+                with torch.no_grad():
+                    probs = model.eval()(x).float().softmax(1)
+                top_prob, top_index = probs.topk(min(3, probs.shape[1]), dim=1)
+                prediction = top_index[:, 0]
+                tensors = {
+                    "index": torch.arange(start, start + chunk.shape[0]),
+                    "prediction": prediction.cpu().clone(),  # a view of top_index: safetensors wants own storage
+                    "confidence": top_prob[:, 0].cpu().clone(),
+                    "top_index": top_index.cpu(),
+                    "top_prob": top_prob.cpu(),
+                }
+                for method in methods:
+                    kwargs = {
+                        "precision": precision,
+                        **params.get(method, {}),
+                    }  # a method's own precision wins
+                    maps = explain(model, x, method, target=prediction, **kwargs)
+                    tensors[method] = maps.cpu().contiguous()
+                atomic_write(part_file, _tensor_writer(tensors, keys[part]))
+            for j in range(chunk.shape[0]):
+                i = start + j
+                pred = class_names[int(tensors["prediction"][j])]
+                label = class_names[int(labels[i])] if labels is not None else ""
+                rows.append([names[i], label, pred, f"{float(tensors['confidence'][j]):.6f}"])
+                if i < panels:
+                    panel_maps = {m: tensors[m][j] for m in methods}
+                    top = [
+                        (class_names[int(c)], float(q))
+                        for c, q in zip(tensors["top_index"][j], tensors["top_prob"][j], strict=True)
+                    ]
+                    fig = explanation_panel(
+                        chunk[j],
+                        panel_maps,
+                        top,
+                        title=f"{names[i]}: true {label or '?'}, predicted {pred}",
+                    )
+                    save_figure(fig, out / "panels" / f"{i}.png")
+                if i < GRID_SIZE:
+                    grid_maps.append(tensors[methods[0]][j])
+                    predictions.append(pred)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["image", "label", "prediction", "confidence"])
+        writer.writerows(rows)
+        write_text(out / "index.csv", buf.getvalue())
+        if grid_maps:
+            n = len(grid_maps)
+            true = [r[1] or r[2] for r in rows[:n]]
+            save_figure(
+                prediction_grid(images[:n], true, predictions, torch.stack(grid_maps)), out / "grid.png"
+            )
+        return out
