@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -191,6 +191,13 @@ def not_applicable(rec: Record, method: str) -> str | None:
     return f"n/a — {skipped.reason}" if skipped is not None else None
 
 
+def score_text(s: Mapping[str, float] | None) -> str:
+    """``mean [ci_low, ci_high]`` to three decimals; ``-`` for no score or a NaN mean."""
+    if s is None or math.isnan(s["mean"]):
+        return "-"
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
 def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged. A
     method skipped on the cell's model gets a row whose ``na`` says what it needs; a last row (``chance``)
@@ -206,11 +213,7 @@ def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> 
     for method, q in quality.items():
         cells = {}
         for metric in metrics:
-            s = q[metric]
-            text = (
-                "-" if math.isnan(s["mean"]) else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-            )
-            cells[metric] = {"text": text, "best": best.get(metric) == method}
+            cells[metric] = {"text": score_text(q[metric]), "best": best.get(metric) == method}
         rows.append({"method": method, "scores": cells, "na": None, "chance": False})
     rows += [
         {"method": m, "scores": {}, "na": not_applicable(rec, m), "chance": False}
@@ -218,11 +221,7 @@ def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> 
     ]
     chance = rec.section("chance", {})  # absent in records made before the chance level existed
     if chance:
-        cells = {
-            m: {"text": f"{chance[m]['mean']:.3f} [{chance[m]['ci_low']:.3f}, {chance[m]['ci_high']:.3f}]"
-                if m in chance and not math.isnan(chance[m]["mean"]) else "-", "best": False}
-            for m in metrics
-        }  # fmt: skip
+        cells = {m: {"text": score_text(chance.get(m)), "best": False} for m in metrics}
         rows.append({"method": CHANCE_LABEL, "scores": cells, "na": None, "chance": True})
     return rows
 
