@@ -73,10 +73,12 @@ class TinyCNN(nn.Module):
         self.bn = nn.BatchNorm2d(4) if batch_norm else nn.Identity()
         self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
         self.fc = nn.Linear(6, classes)
+        self.relu1 = nn.ReLU()  # modules, so the ReLU methods (guided backprop, deconvnet) apply
+        self.relu2 = nn.ReLU()
         self.explode = explode
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+        x = self.relu2(self.conv2(self.relu1(self.bn(self.conv1(x)))))
         if self.explode:
             raise RuntimeError("exploded in forward")
         return self.fc(x.mean(dim=(2, 3)))

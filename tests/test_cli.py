@@ -29,6 +29,20 @@ def test_datasets_table(capsys, tmp_path):
     assert "digits" in out and "mnist" in out
 
 
+def test_train_help_gives_the_recipe_defaults(capsys):
+    # the dataclass defaults (Adam 1e-3) hold only without a recipe: the help must not present them as the
+    # default a user gets on CIFAR-10
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--lr LR base (peak, for onecycle) learning rate (default: by the data's recipe: digits 0.003, "
+        in text
+    )
+    assert "natural 0.1, xray 0.001; without one: 0.001)" in text
+    assert "natural sgd" in text
+
+
 def test_train_runs_evaluate_predict(tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text("model: mnist_cnn\ndataset: digits\nepochs: 2\nbatch_size: 64\nprecision: fp32\n")

@@ -5,21 +5,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import (
+    Deconvolution,
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    NoiseTunnel,
+    Saliency,
+)
 from scipy.ndimage import gaussian_filter
 from torch import Tensor, nn
 
 from conftest import LinearModel
 from xailab.errors import ConfigError
 from xailab.explain import explain
+from xailab.explain.base import model_capabilities
 from xailab.explain.batching import default_batch_size, gaussian_blur
 from xailab.explain.gradients import (
     IG_METHODS,
+    deconvnet,
+    guided_backprop,
     input_x_gradient,
     integrated_gradients,
     integrated_gradients_delta,
+    relu_module_coverage,
     saliency,
     smoothgrad,
+    target_gradients,
 )
 from xailab.models import create_model
 
@@ -331,3 +343,95 @@ def test_path_points_and_noisy_copies_reach_the_model_in_the_inputs_layout(case,
             nhwc, target=target, n_steps=6, method="gausslegendre"
         )
         assert_parity(maps["nhwc"], expected.sum(1, keepdim=True))
+
+
+# ---------------------------------------------------------------- guided backprop and deconvnet
+
+
+@pytest.mark.parametrize(
+    ("name", "channels", "size"),
+    [("mnist_cnn", 1, 28), ("resnet18", 3, 32), ("keras_cnn", 3, 32), ("efficient_cnn", 3, 32)],
+)
+def test_guided_backprop_and_deconvnet_match_captum_on_relu_module_networks(name, channels, size):
+    # every ReLU of these is an nn.ReLU module, which is all Captum's hooks see
+    model = zoo_model(name, channels)
+    inputs = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([3, 7])
+    relus, modules, others = relu_module_coverage(model, inputs)
+    assert relus == modules > 0 and not others
+    guided = guided_backprop(model, inputs, target)
+    assert_parity(guided, GuidedBackprop(model).attribute(inputs, target=target), rtol=1e-6)
+    assert_parity(
+        deconvnet(model, inputs, target), Deconvolution(model).attribute(inputs, target=target), rtol=1e-6
+    )
+    assert not torch.allclose(guided, target_gradients(model, inputs, target))  # the rule changed something
+
+
+class TwoLayer(nn.Module):
+    """``x [B, 1, 1, 2] -> h = act(W1 x) [B, 3] -> W2 h [B, 2]`` with hand-picked weights: every unit of h
+    in a known regime (below 0, between 0 and 6, above 6) and logit 0 reading them with mixed signs."""
+
+    def __init__(self, activation: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, (1, 2), bias=False)  # W1: one 1x2 kernel per hidden unit
+        self.head = nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, 1.0], [4.0, 4.0]]).reshape(3, 1, 1, 2))
+            self.head.weight.copy_(torch.tensor([[-2.0, 3.0, 5.0], [1.0, 1.0, 1.0]]))
+        self.activation = activation
+        self.relu6 = nn.ReLU6()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x).flatten(1)
+        h = (
+            self.relu6(h) if self.activation == "relu6" else torch.nn.functional.relu(h)
+        )  # functional on purpose
+        return self.head(h)
+
+
+@pytest.mark.parametrize("activation", ["relu6", "functional_relu"])
+def test_guided_backprop_and_deconvnet_known_answers(activation):
+    model = TwoLayer(activation).eval()
+    x = torch.tensor([1.0, 0.5]).reshape(1, 1, 1, 2)  # h_pre = (2, -0.5, 6)
+    w1 = model.conv.weight.reshape(3, 2)
+    w2 = model.head.weight[0]  # (-2, 3, 5)
+    upper = 6.0 if activation == "relu6" else float("inf")
+    pre = w1 @ x.reshape(2)
+    live = ((pre > 0) & (pre < upper)).float()  # relu6: only unit 0 (2); relu: units 0 and 2 (2 and 6)
+    plain = (w2 * live) @ w1
+    guided = (w2.clamp(min=0) * live) @ w1  # negative w2 entries blocked on the way back
+    deconv = w2.clamp(min=0) @ w1  # the forward regime ignored
+    target = torch.tensor([0])
+    torch.testing.assert_close(target_gradients(model, x, target).reshape(2), plain)
+    torch.testing.assert_close(guided_backprop(model, x, target).reshape(2), guided)
+    torch.testing.assert_close(deconvnet(model, x, target).reshape(2), deconv)
+    expected_live = [1.0, 0.0, 0.0] if activation == "relu6" else [1.0, 0.0, 1.0]
+    assert live.tolist() == expected_live  # the cases the weights were picked for
+
+
+def test_a_network_with_another_activation_is_refused_by_name():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(torch.nn.functional.gelu(self.relu(self.conv(x))).mean(dim=(2, 3)))
+
+    model = Mixed().eval()
+    assert "relu" in model_capabilities(model)
+    x = torch.randn(2, 1, 8, 8)
+    for method in ("guided_backprop", "deconvnet"):
+        with pytest.raises(
+            ConfigError, match=rf"{method} is defined for ReLU networks; Mixed also applies gelu"
+        ):
+            explain(model, x, method, target=0)
+
+
+def test_the_relu_methods_apply_to_relu_networks_only():
+    assert "relu" in model_capabilities(zoo_model("mobilenetv2", 3))  # ReLU6 modules
+    assert "relu" not in model_capabilities(zoo_model("vit_tiny", 3))  # GELU
+    with pytest.raises(ConfigError, match="needs a model with relu"):
+        explain(zoo_model("vit_tiny", 3), torch.randn(1, 3, 32, 32), "guided_backprop", target=0)

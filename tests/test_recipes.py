@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -214,3 +215,51 @@ def test_ema_training_resumes_exactly(tmp_path, single_thread):
     ]
     for k, v in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_a_rate_tuned_for_another_optimizer_is_warned_about():
+    # Adam's 1e-3 on the natural recipe's SGD (0.1 at batch 128): 100x too small, the bundled cifar10-cnn
+    # study's old setting
+    with pytest.warns(UserWarning, match=r"train\.lr=0\.001 is 100x below the natural recipe's rate.*sgd"):
+        apply_recipe({"model": "simple_cnn", "dataset": "cifar10", "lr": 0.001})
+    with pytest.warns(UserWarning, match=r"200x above"):
+        apply_recipe({"model": "mnist_cnn", "dataset": "mnist", "lr": 0.6})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"model": "simple_cnn", "dataset": "cifar10", "lr": 0.001, "optimizer": "adam"},  # optimiser named
+        {"model": "simple_cnn", "dataset": "cifar10", "lr": 0.03},  # within 10x
+        {"model": "densenet169", "dataset": "chest_xray", "lr": 1e-4},  # fine-tuning: exactly 10x below
+        {"model": "simple_cnn", "dataset": "cifar10", "lr": 0.001, "recipe": "none"},  # no recipe
+        {"model": "simple_cnn", "dataset": "cifar10"},  # no rate
+    ],
+)
+def test_a_rate_near_the_recipe_or_with_its_optimizer_is_not_warned_about(data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_recipe(data)
+
+
+def test_every_bundled_study_trains_near_its_recipe_rate():
+    # a study that names a rate without an optimiser must not hand it to an optimiser it was not tuned for
+    from xailab.study import list_studies, load_study
+    from xailab.study.runner import expand_cells
+
+    for name in list_studies():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cells = expand_cells(load_study(name))
+        for cell in cells:
+            config = cell.config
+            if config.recipe == "none":
+                continue
+            recipe = RECIPES.get(config.recipe)
+            rate = scaled_lr(
+                recipe.lr_by_optimizer[config.optimizer],
+                recipe.batch_size,
+                config.batch_size,
+                config.optimizer,
+            )
+            assert rate / 10.001 <= config.lr <= rate * 10.001, (name, cell.name, config.lr, rate)

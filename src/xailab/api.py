@@ -34,6 +34,7 @@ from xailab.train import Run, TrainConfig, classification_metrics, list_runs, lo
 from xailab.train import distributed as _distributed
 from xailab.train.distributed import is_main_process, launched_by_torchrun
 from xailab.train.loop import check_train_config
+from xailab.train.recipes import recipe_defaults
 from xailab.train.runs import read_run_config
 
 Precision = Literal["fp32", "bf16", "auto"]  # auto: bf16 where measured faster and accurate
@@ -82,6 +83,7 @@ __all__ = [
     "overlay_image",
     "predict",
     "read_images",
+    "recipe_defaults",
     "resolve_device",
     "resume_config",
     "run_dataset",

@@ -79,6 +79,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = "" if f.default in (dataclasses.MISSING, None) else f" (default: {f.default})"
+        by_recipe = api.recipe_defaults(f.name)
+        if by_recipe:  # the dataclass default holds only with --recipe none
+            each = ", ".join(f"{name} {value}" for name, value in by_recipe.items())
+            default = f" (default: by the data's recipe: {each}; without one: {f.default})"
         help_text = f.metadata.get("help", "") + default
         if f.name in ("model_options", "dataset_options"):
             single = f.name.split("_")[0]

@@ -274,11 +274,16 @@ def list_methods() -> list[str]:
 
 
 def model_capabilities(model: nn.Module) -> frozenset[str]:
-    """What ``model`` offers to explanation methods: ``"conv"`` when it has a ``Conv2d``, plus whatever it
-    declares in a ``capabilities`` attribute (a ViT declares e.g. ``{"attention", "tokens"}``)."""
+    """What ``model`` offers to explanation methods: ``"conv"`` when it has a ``Conv2d``, ``"relu"`` when it
+    has ``nn.ReLU`` / ``nn.ReLU6`` modules (guided backprop, deconvnet: they also check the forward pass met
+    no other activation), plus whatever it declares in a ``capabilities`` attribute (a ViT declares e.g.
+    ``{"attention", "tokens"}``)."""
     caps = set(getattr(model, "capabilities", ()))
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        caps.add("conv")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            caps.add("conv")
+        elif isinstance(m, nn.ReLU | nn.ReLU6):
+            caps.add("relu")
     return frozenset(caps)
 
 

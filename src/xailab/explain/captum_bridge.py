@@ -17,10 +17,15 @@ from torch import Tensor, nn
 
 from xailab.errors import ConfigError, UnknownNameError, did_you_mean
 from xailab.explain.base import CONTRACT_ARGS, MethodSpec, ParamSpec, declared_params
+from xailab.explain.gradients import relu_module_coverage
 
 # Abstract bases in captum.attr.__all__: constructible, but their attribute() is not implemented
 ABSTRACT_BASES = frozenset(
     {"Attribution", "GradientAttribution", "PerturbationAttribution", "LayerAttribution", "NeuronAttribution"}
+)
+# Captum classes that modify the backward pass of nn.ReLU modules only, and xailab's method covering every ReLU
+RELU_MODULE_CLASSES = MappingProxyType(
+    {"GuidedBackprop": "guided_backprop", "Deconvolution": "deconvnet", "GuidedGradCam": "guided_backprop"}
 )
 # The constructor arguments the bridge can supply: the model (under either name) and a layer
 SUPPLIED_ARGS = frozenset({"forward_func", "model", "layer"})
@@ -85,6 +90,29 @@ def _layer(model: nn.Module, layer: str | nn.Module | None, name: str) -> nn.Mod
         raise ConfigError(f"captum:{name}: {type(model).__name__} has no submodule {path!r}") from error
 
 
+def check_relu_modules(model: nn.Module, inputs: Tensor, name: str) -> None:
+    """ConfigError when ``captum:<name>`` (a ``RELU_MODULE_CLASSES`` class) would silently return the plain
+    gradient through some ReLUs of ``model``: those applied as ``nn.ReLU6`` or functionally (``F.relu``), or
+    another activation. One forward pass of the first image."""
+    relus, modules, others = relu_module_coverage(model, inputs[:1])
+    if relus == modules and not others:
+        return
+    parts = []
+    if relus > modules:
+        parts.append(f"{relus - modules} of its {relus} ReLUs are ReLU6 or functional, not nn.ReLU modules")
+    if others:
+        parts.append(f"it applies {', '.join(sorted(others))}, for which guided backprop has no rule")
+    remedy = (
+        "use saliency or integrated_gradients"
+        if others
+        else f"use xailab's {RELU_MODULE_CLASSES[name]!r}, which covers every ReLU and ReLU6"
+    )
+    raise ConfigError(
+        f"captum:{name} changes the backward pass of nn.ReLU modules only and silently passes the plain gradient "
+        f"elsewhere: in {type(model).__name__}, {'; '.join(parts)}. {remedy[0].upper() + remedy[1:]}."
+    )
+
+
 def _input_shaped(attribution: Tensor | tuple[Tensor, ...], inputs: Tensor, name: str) -> Tensor:
     """Captum's output as ``[B, C, H, W]`` (input-shaped) or ``[B, 1, H, W]``.
 
@@ -129,6 +157,8 @@ def captum_spec(name: str) -> MethodSpec:
         layer: str | nn.Module | None = None,
         **params: object,
     ) -> Tensor:
+        if name in RELU_MODULE_CLASSES:
+            check_relu_modules(model, inputs, name)
         method = cls(model, _layer(model, layer, name)) if needs_layer else cls(model)
         if takes_target:  # Neuron* classes attribute a neuron (neuron_selector), not a class
             params["target"] = target

@@ -1,4 +1,5 @@
-"""Gradient attributions: saliency, input x gradient, integrated gradients and SmoothGrad.
+"""Gradient attributions: saliency, input x gradient, guided backprop, deconvnet, integrated gradients and
+SmoothGrad.
 
 Each method is ``fn(model, inputs[B, C, H, W], target[B], **params) -> [B, C, H, W]`` (a per-channel map that
 ``explain`` reduces as the method's paper does). Methods that evaluate many copies of the inputs (integrated
@@ -8,12 +9,15 @@ forward and one backward pass per chunk, like Captum's ``internal_batch_size``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from xailab.errors import ConfigError
 from xailab.explain.base import METHODS, ParamSpec, declared_params, register_method
@@ -31,16 +35,24 @@ IGRule = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_tra
 IG_METHODS: tuple[str, ...] = IGRule.__args__  # type: ignore[attr-defined]
 
 
-def target_gradients(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+def target_gradients(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor,
+    forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> Tensor:
     """Gradient of each image's ``target`` logit w.r.t. the image: ``[N, C, H, W] -> [N, C, H, W]``.
 
     One backward pass of the summed logits serves the whole batch, since image ``i``'s logit depends on
     image ``i`` only (the model is in eval mode). A detached copy of the inputs requires grad, so gradients
-    reach it also through frozen parameters.
+    reach it also through frozen parameters. ``forward_context``: entered around the forward pass only (a
+    modified backward rule such as guided backprop's records itself in the graph there).
     """
     x = inputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        score = model(x).gather(1, target[:, None]).sum()
+        with forward_context():
+            logits = model(x)
+        score = logits.gather(1, target[:, None]).sum()
         (grad,) = torch.autograd.grad(score, x)
     return grad
 
@@ -60,6 +72,158 @@ def input_x_gradient(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor
     """Input x gradient (Shrikumar et al. 2016): ``x * d logit_target / d x``, ``[B, C, H, W]``; summed over
     channels."""
     return inputs * target_gradients(model, inputs, target)
+
+
+class _RectifiedBackward(torch.autograd.Function):
+    """``clamp(x, 0, upper)`` (ReLU, or ReLU6 with ``upper=6``) whose backward passes only positive gradients:
+    times the forward's local derivative (``forward_mask``: guided backprop) or not (deconvnet)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, upper: float | None, forward_mask: bool) -> Tensor:
+        ctx.forward_mask = forward_mask
+        if forward_mask:
+            ctx.save_for_backward((x > 0) if upper is None else (x > 0) & (x < upper))
+        return x.clamp(min=0) if upper is None else x.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        out = grad.clamp(min=0)
+        if ctx.forward_mask:
+            (mask,) = ctx.saved_tensors
+            out = out * mask
+        return out, None, None
+
+
+# every way a network applies a ReLU: module (nn.ReLU calls F.relu), functional, tensor method, in place
+RELU_FUNCTIONS = frozenset({F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_})
+# nn.ReLU6 calls F.hardtanh(x, 0, 6): a hardtanh clipping at 0 is a capped ReLU
+HARDTANH_FUNCTIONS = frozenset({F.hardtanh, F.hardtanh_, F.relu6})
+# activations no positive-gradient rule is defined for (Springenberg et al. 2015 define it for ReLUs)
+OTHER_ACTIVATIONS = frozenset(
+    {F.gelu, F.silu, F.hardswish, F.elu, F.leaky_relu, F.selu, F.celu, F.mish, F.softplus, F.prelu, F.rrelu}
+)
+
+
+def _hardtanh_bounds(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[float, float]:
+    if func is F.relu6:
+        return 0.0, 6.0
+    low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return float(low), float(high)
+
+
+class RectifiedBackward(TorchFunctionMode):
+    """While active, every ReLU and ReLU6 the forward pass applies — as a module, a function, a tensor method
+    or in place — is replaced by ``_RectifiedBackward`` (``forward_mask``: guided backprop, else deconvnet).
+
+    Hooks on ``nn.ReLU`` modules (Captum's GuidedBackprop) miss functional ReLUs and ``nn.ReLU6``; a function
+    mode sees them all. An in-place ReLU returns a new tensor here (the callers use the returned value, as
+    ``nn.ReLU(inplace=True)`` inside ``nn.Sequential`` does). ``relus`` counts the replaced calls and
+    ``others`` names the other activations met, for ``check``.
+    """
+
+    def __init__(self, forward_mask: bool | None, method: str) -> None:
+        super().__init__()
+        self.forward_mask = forward_mask
+        self.method = method
+        self.relus = 0
+        self.others: set[str] = set()
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in RELU_FUNCTIONS:
+            self.relus += 1
+            if self.forward_mask is not None:
+                return _RectifiedBackward.apply(args[0], None, self.forward_mask)
+        elif func in HARDTANH_FUNCTIONS:
+            low, high = _hardtanh_bounds(func, args, kwargs)
+            if low == 0.0:
+                self.relus += 1
+                if self.forward_mask is not None:
+                    return _RectifiedBackward.apply(args[0], high, self.forward_mask)
+            else:
+                self.others.add(f"hardtanh({low:g}, {high:g})")
+        elif func in OTHER_ACTIVATIONS:
+            self.others.add(func.__name__)
+        return func(*args, **kwargs)
+
+    def check(self, model: nn.Module) -> None:
+        """ConfigError when the forward pass met an activation the rule does not cover, or no ReLU at all
+        (the result would silently be the plain gradient, or half of each)."""
+        name = type(model).__name__
+        if self.others:
+            raise ConfigError(
+                f"{self.method} is defined for ReLU networks; {name} also applies {', '.join(sorted(self.others))}, "
+                "where no rule exists (use saliency, integrated_gradients or input_x_gradient)"
+            )
+        if self.relus == 0:
+            raise ConfigError(
+                f"{self.method}: {name} applies no ReLU, so the result would be the plain gradient (use saliency)"
+            )
+
+
+def relu_module_coverage(model: nn.Module, inputs: Tensor) -> tuple[int, int, set[str]]:
+    """One forward pass of ``inputs`` ``[B, C, H, W]``: how many ReLUs it applies (``RectifiedBackward``'s
+    count, ReLU6 included), how many of them are ``nn.ReLU`` modules, and the other activations it met.
+
+    What hooks on ``nn.ReLU`` modules (Captum's GuidedBackprop, Deconvolution, GuidedGradCam) cover is the
+    second count; the rest pass the plain gradient.
+    """
+    calls = [0]
+
+    def count(*_: Any) -> None:
+        calls[0] += 1
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if type(m) is nn.ReLU]
+    mode = RectifiedBackward(None, "count")
+    try:
+        with torch.no_grad(), mode:
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return mode.relus, calls[0], mode.others
+
+
+def rectified_gradients(
+    model: nn.Module, inputs: Tensor, target: Tensor, forward_mask: bool, method: str
+) -> Tensor:
+    """``target_gradients`` with every ReLU's backward rectified (``RectifiedBackward``): ``[B, C, H, W]``."""
+    mode = RectifiedBackward(forward_mask, method)
+    grad = target_gradients(model, inputs, target, forward_context=lambda: mode)
+    mode.check(model)
+    return grad
+
+
+@register_method("guided_backprop", reduce="max_abs", needs={"relu"})
+def guided_backprop(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+    """Guided backpropagation (Springenberg et al. 2015): the gradient with each ReLU passing back only
+    positive gradients where its input was positive; ``[B, C, H, W]``, reduced by max |value| like saliency.
+
+    Every ReLU and ReLU6 of the forward pass counts, also functional ones (``RectifiedBackward``): Captum's
+    GuidedBackprop hooks ``nn.ReLU`` modules only and silently returns the plain gradient through the rest
+    (all of MobileNetV2's ReLU6). Equal to Captum's on networks whose ReLUs are all ``nn.ReLU`` modules.
+    A network with other activations (GELU, SiLU, ...) is refused.
+    """
+    return rectified_gradients(model, inputs, target, forward_mask=True, method="guided_backprop")
+
+
+@register_method("deconvnet", reduce="max_abs", needs={"relu"})
+def deconvnet(model: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+    """Deconvnet (Zeiler & Fergus 2014, as Springenberg et al. 2015 write it): each ReLU passes back the
+    positive part of the gradient whatever its input was; ``[B, C, H, W]``, reduced by max |value|.
+
+    Same ReLU coverage as ``guided_backprop``; equal to Captum's Deconvolution on ``nn.ReLU`` networks.
+    """
+    return rectified_gradients(model, inputs, target, forward_mask=False, method="deconvnet")
 
 
 def ig_steps(method: str, n_steps: int) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xailab.config import CELL_REFERENCE
@@ -204,6 +203,7 @@ class DenseNet169(nn.Module):
                 width //= 2
         layers["norm5"] = nn.BatchNorm2d(width)
         self.features = nn.Sequential(layers)
+        self.relu5 = nn.ReLU()  # a module (not F.relu), so activation-module tools see it; no parameters
         self.classifier = nn.Linear(width, num_classes) if num_classes else nn.Identity()
         self.weights_source = "random"
         for m in self.modules():  # torchvision's init
@@ -218,7 +218,7 @@ class DenseNet169(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, C, H, W] -> [B, 1664]`` globally average-pooled features."""
         # not in place: the Grad-CAM hook on norm5 must see its output unchanged
-        return F.relu(self.features(rgb(x, self.in_channels))).mean(dim=(2, 3))
+        return self.relu5(self.features(rgb(x, self.in_channels))).mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.forward_features(x))

@@ -108,6 +108,7 @@ class KerasConvBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride)
+        self.relu = nn.ReLU()  # a module, so activation-module tools (guided backprop) see it
         self.bn = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(2)
         self.same = padding == "same"
@@ -121,7 +122,7 @@ class KerasConvBlock(nn.Module):
         return F.pad(x, (left, right, top, bottom))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.bn(F.relu(self.conv(self.pad(x)))))
+        return self.pool(self.bn(self.relu(self.conv(self.pad(x)))))
 
 
 KERAS_STRIDES = (1, 2, 3)

@@ -17,6 +17,7 @@ optimiser gets that optimiser's reference rate. Nothing here imports torch or th
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,22 @@ DATASET_KINDS: dict[str, str] = {
 DEFAULT_KIND = "natural"
 
 
+def recipe_defaults(key: str) -> dict[str, Any]:
+    """What each recipe sets ``key`` to when the user does not (``{recipe name: value}``; empty when no recipe
+    sets it). ``lr`` is the rate of the recipe's own optimiser at its reference batch size."""
+    out: dict[str, Any] = {}
+    for name in RECIPES.names():
+        recipe: Recipe = RECIPES.get(name)
+        own = {
+            "optimizer": recipe.optimizer,
+            "batch_size": recipe.batch_size,
+            "lr": recipe.lr_by_optimizer[recipe.optimizer],
+        }
+        if key in own or key in recipe.values:
+            out[name] = own[key] if key in own else recipe.values[key]
+    return out
+
+
 def dataset_kind(dataset: str, dataset_options: Mapping[str, Any] | None = None) -> str:
     """The kind of data ``dataset`` holds (a key of ``RECIPES``); ``shortcut`` follows its ``base`` option."""
     if dataset == "shortcut" and isinstance(dataset_options, Mapping) and "base" in dataset_options:
@@ -176,6 +193,38 @@ def apply_recipe(data: Mapping[str, Any]) -> dict[str, Any]:
     # a bad optimizer or batch size is left for the config's own validation to name
     valid = isinstance(optimizer, str) and optimizer in recipe.lr_by_optimizer
     valid_batch = isinstance(batch, int) and not isinstance(batch, bool) and batch > 0
-    if "lr" not in out and valid and valid_batch:
-        out["lr"] = scaled_lr(recipe.lr_by_optimizer[optimizer], recipe.batch_size, batch, optimizer)
+    if not (valid and valid_batch):
+        return out
+    rate = scaled_lr(recipe.lr_by_optimizer[optimizer], recipe.batch_size, batch, optimizer)
+    if "lr" not in out:
+        out["lr"] = rate
+    elif "optimizer" not in data:
+        warn_foreign_rate(out["lr"], rate, optimizer, batch, name)
     return out
+
+
+# Beyond this factor from the recipe's rate, a given rate was almost surely tuned for another optimiser
+# (Adam's 1e-3 on the natural recipe's SGD is 100x too small: the bundled cifar10-cnn study trained so).
+FOREIGN_RATE_FACTOR = 10.0
+
+
+def warn_foreign_rate(lr: Any, rate: float, optimizer: str, batch: int, recipe: str) -> None:
+    """Warn when ``lr``, given without an optimiser, is more than ``FOREIGN_RATE_FACTOR`` from ``rate``, the
+    recipe's own rate for the optimiser the recipe chose (``optimizer``) at ``batch``.
+
+    A warning, not an error: a rate far from the reference can be deliberate (fine-tuning, a sweep).
+    """
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
+        return  # not a rate: TrainConfig's validation names it
+    ratio = max(lr / rate, rate / lr)
+    if ratio <= FOREIGN_RATE_FACTOR * (1 + 1e-9):
+        return
+    side = "below" if lr < rate else "above"
+    warnings.warn(
+        f"train.lr={lr:g} is {ratio:.0f}x {side} the {recipe} recipe's rate for its optimizer {optimizer} at "
+        f"batch {batch} ({rate:g}); no optimizer was given, so the recipe chose {optimizer}. If this rate was "
+        f"tuned for another optimizer, name it (train.optimizer / --optimizer); otherwise drop lr to get "
+        f"{rate:g}.",
+        UserWarning,
+        stacklevel=2,
+    )
