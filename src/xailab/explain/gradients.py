@@ -182,7 +182,8 @@ def relu_module_coverage(model: nn.Module, inputs: Tensor) -> tuple[int, int, se
     def count(*_: Any) -> None:
         calls[0] += 1
 
-    handles = [m.register_forward_hook(count) for m in model.modules() if type(m) is nn.ReLU]
+    # isinstance, as Captum checks: a subclass of nn.ReLU is hooked too (nn.ReLU6 is not one)
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.ReLU)]
     mode = RectifiedBackward(None, "count")
     try:
         with torch.no_grad(), mode:
