@@ -56,7 +56,7 @@ def test_each_cell_runs_only_the_methods_that_apply_to_its_model(study_dir):
     assert vit["explain"]["methods"] == ["saliency", "attention_rollout"]
     # what a skipped method needs and the model lacks, and what the model offers
     assert cnn["skipped_methods"] == {
-        "attention_rollout": {"needs": ["attention", "tokens"], "offers": ["conv"]}
+        "attention_rollout": {"needs": ["attention", "tokens"], "offers": ["conv", "relu"]}
     }
     assert vit["skipped_methods"] == {"lrp": {"needs": ["conv"], "offers": ["attention", "tokens"]}}
     for record, methods in ((cnn, {"saliency", "lrp"}), (vit, {"saliency", "attention_rollout"})):
