@@ -46,6 +46,9 @@ def test_explain_to_disk_streams_parts_and_resumes(tmp_path, digits, monkeypatch
         with Image.open(png) as im:
             assert im.format == "PNG" and im.width > 100
     assert not (out / "panels" / "3.png").exists()
+    with Image.open(out / "grid.png") as grid:
+        # five images: five columns (1.6 in each at 110 dpi), not eight with three blank
+        assert grid.width <= 5 * 1.6 * 110 + 1
 
     # A second call finds every part on disk and recomputes nothing.
     def fail(*args, **kwargs):

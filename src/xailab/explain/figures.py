@@ -93,8 +93,10 @@ def prediction_grid(
     alpha: float = 0.5,
 ) -> Figure:
     """A grid of images ``[N, H, W, C]`` (with map overlays ``[N, 1, H, W]`` when given), each titled
-    "true → predicted", green when correct and red when wrong."""
+    "true → predicted", green when correct and red when wrong; at most ``columns`` a row, fewer when N is
+    smaller."""
     n = images.shape[0]
+    columns = max(1, min(columns, n))  # two images make a two-panel figure, not eight with six blank
     rows = max(1, -(-n // columns))
     fig = Figure(figsize=(1.6 * columns, 1.8 * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
