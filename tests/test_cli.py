@@ -43,6 +43,31 @@ def test_train_help_gives_the_recipe_defaults(capsys):
     assert "natural sgd" in text
 
 
+def test_xailab_warnings_print_as_one_line(capsys, tmp_path):
+    # a warning of xailab's own (here: a rate 200x from the recipe's) reads like its errors: one line, no
+    # Python source location or code line under it
+    code = main(
+        [
+            "train",
+            "--model",
+            "mnist_cnn",
+            "--dataset",
+            "mnist",
+            "--lr",
+            "0.6",
+            "--epochs",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("xailab: warning: train.lr=0.6 is 200x above the digits recipe's rate")
+    assert lines[1] == "xailab: error: train.epochs: 0 is out of range; valid: in [1, 100000]"
+    assert len(lines) == 2
+
+
 def test_train_runs_evaluate_predict(tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text("model: mnist_cnn\ndataset: digits\nepochs: 2\nbatch_size: 64\nprecision: fp32\n")
@@ -351,7 +376,10 @@ def test_metric_precision_reaches_the_assessment_and_auto_without_autotuning_is_
     tiny_run, tmp_path, monkeypatch
 ):
     """``--metric-precision`` is the ``precision`` of ``xailab.metrics.assess``; with the autotuner off,
-    ``auto`` keeps fp32, so its numbers equal the default's."""
+    ``auto`` follows the fixed rule (bf16 only on a CPU with native bf16), so its numbers equal those of that
+    precision named explicitly -- fp32, the default's, on an AVX2 machine; bf16 on an AVX-512 BF16 one."""
+    from xailab.device import bf16_is_fast
+
     import xailab.api
 
     seen: list[str] = []
@@ -373,14 +401,16 @@ def test_metric_precision_reaches_the_assessment_and_auto_without_autotuning_is_
         "--metrics",
         "deletion_auc,sparseness",
     ]
+    rule = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"
     scores = {}
-    for flags in ([], ["--metric-precision", "auto"]):
-        out = tmp_path / (flags[-1] if flags else "default")
+    for flags in ([], ["--metric-precision", "auto"], ["--metric-precision", rule]):
+        out = tmp_path / ("-".join(flags) or "default")
         assert main([*argv, *flags, "--out", str(out)]) == 0
         scores[out.name] = json.loads((out / "scores.json").read_text())["per_image"]
-    assert seen == ["fp32", "auto"]
-    assert scores["auto"] == scores["default"]
-    assert len(scores["auto"]["saliency"]["deletion_auc"]) == 4
+    assert seen == ["fp32", "auto", rule]
+    assert scores["--metric-precision-auto"] == scores[f"--metric-precision-{rule}"]
+    assert (scores["--metric-precision-auto"] == scores["default"]) == (rule == "fp32")
+    assert len(scores["default"]["saliency"]["deletion_auc"]) == 4
 
 
 def test_lrp_z_box_bounds_of_an_assessment_are_the_datasets_unless_given(tiny_run, tmp_path, monkeypatch):

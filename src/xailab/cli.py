@@ -9,6 +9,7 @@ import math
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 
 from xailab import api
 from xailab.config import folder_name, read_config_file
-from xailab.errors import ConfigError, XailabError
+from xailab.errors import ConfigError, XailabError, XailabWarning
 
 _INT = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() also takes "٣" and "1_000"
 
@@ -562,6 +563,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # `train --devices N` relaunches the same command under torchrun
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # restored when the command ends
+        return _run_command(args)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: typing.TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """xailab's own warnings as one ``xailab: warning: ...`` line (like its errors), without Python's source
+    location and code line, which say nothing to a user; other libraries' warnings keep Python's format."""
+    out = sys.stderr if file is None else file
+    if issubclass(category, XailabWarning):
+        print(f"xailab: warning: {message}", file=out)
+    else:
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except XailabError as e:

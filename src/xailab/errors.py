@@ -37,6 +37,11 @@ class LockedError(XailabError):
     """A run or study folder is in use by another process; the message names the folder and its pid."""
 
 
+class XailabWarning(UserWarning):
+    """Base class of every warning xailab gives on purpose (a lossy data copy, a rate far from its recipe's,
+    ImageNet weights missing, ...): the CLI prints these as one ``xailab: warning: ...`` line."""
+
+
 def did_you_mean(name: str, names: Iterable[str], n: int = 3, cutoff: float = 0.5) -> str:
     """`` Did you mean 'x', 'y'?`` for the (at most ``n``) names closest to ``name``; empty when none is close.
     Every "unknown name" message appends it, so they all suggest alike."""

@@ -22,7 +22,7 @@ from xailab.data.base import (
     register_status,
 )
 from xailab.data.download import ensure_files, file_status, safe_extract
-from xailab.errors import DatasetError
+from xailab.errors import DatasetError, XailabWarning
 
 ARCHIVE = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -194,7 +194,7 @@ def load_image_copy(folder: Path, request: LoadRequest) -> Dataset:
     from xailab.data.folders import load_tree  # the folder decoder and its cache
 
     note = LOSSY_NOTE.format(folder=folder)
-    warnings.warn(note, UserWarning, stacklevel=3)
+    warnings.warn(note, XailabWarning, stacklevel=3)
     dataset = load_tree("cifar10", replace(request, root=folder), expected_classes=CLASSES)
     return replace(
         dataset,
@@ -237,7 +237,7 @@ def load_cifar10(request: LoadRequest) -> Dataset:
             + ". Results are not comparable "
             "with full CIFAR-10 results."
         )
-        warnings.warn(note, UserWarning, stacklevel=3)
+        warnings.warn(note, XailabWarning, stacklevel=3)
         notes.append(note)
     mean, std = channel_stats(train.images)
     return Dataset(

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xailab.errors import ConfigError
+from xailab.errors import ConfigError, XailabWarning
 from xailab.explain.base import register_method
 from xailab.explain.batching import (
     Baseline,
@@ -191,6 +191,7 @@ def segment_images(
             warnings.warn(
                 f"SLIC found only {min(found)} superpixels (asked for {n_segments}) in some images, so their "
                 f"maps will be nearly constant; raise compactness (now {compactness}) or use segments='grid'",
+                XailabWarning,
                 stacklevel=2,
             )
     else:

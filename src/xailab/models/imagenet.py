@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from xailab.config import CELL_REFERENCE
-from xailab.errors import CheckpointError, ConfigError
+from xailab.errors import CheckpointError, ConfigError, XailabWarning
 from xailab.models.base import register_model
 from xailab.models.mobilenetv2 import ConvBNReLU6, InvertedResidual
 
@@ -289,7 +289,7 @@ def load_imagenet_weights(
                 f"{type(model).__name__}: ImageNet weights {filename} not found (looked in "
                 f"{', '.join(str(d) for d in hub_checkpoint_dirs())}); training from scratch (random init). "
                 f"Download {DOWNLOAD_URL.format(filename)} there to use the ImageNet variant.",
-                UserWarning,
+                XailabWarning,
                 stacklevel=3,
             )
             model.weights_source = "random (ImageNet weights absent)"

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xailab.errors import ConfigError
+from xailab.errors import ConfigError, XailabWarning
 from xailab.registry import Registry
 
 AUTO = "auto"
@@ -225,6 +225,6 @@ def warn_foreign_rate(lr: Any, rate: float, optimizer: str, batch: int, recipe: 
         f"batch {batch} ({rate:g}); no optimizer was given, so the recipe chose {optimizer}. If this rate was "
         f"tuned for another optimizer, name it (train.optimizer / --optimizer); otherwise drop lr to get "
         f"{rate:g}.",
-        UserWarning,
+        XailabWarning,
         stacklevel=2,
     )
