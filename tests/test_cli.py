@@ -378,9 +378,8 @@ def test_metric_precision_reaches_the_assessment_and_auto_without_autotuning_is_
     """``--metric-precision`` is the ``precision`` of ``xailab.metrics.assess``; with the autotuner off,
     ``auto`` follows the fixed rule (bf16 only on a CPU with native bf16), so its numbers equal those of that
     precision named explicitly -- fp32, the default's, on an AVX2 machine; bf16 on an AVX-512 BF16 one."""
-    from xailab.device import bf16_is_fast
-
     import xailab.api
+    from xailab.device import bf16_is_fast
 
     seen: list[str] = []
     real = xailab.api.assess
