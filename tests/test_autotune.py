@@ -118,7 +118,9 @@ def test_clear_losers_cost_one_small_probe_and_the_sweep_stops_past_the_peak(cac
     assert [c.batch for c in bf16_calls] == [1]
     assert all(not c.channels_last for _, c in timer.calls)  # the model's own layout only
     batches = [c.batch for _, c in timer.calls if c.precision == "fp32"]
-    sweep = [2, 16, 32, 64, 128, 256]  # 128 and 256 slower than 64: stop, 512 never tried
+    # a one-image screen (every candidate gets one: screens are compared with screens), the probe, then the
+    # sweep: 128 and 256 slower than 64: stop, 512 never tried
+    sweep = [1, 2, 16, 32, 64, 128, 256]
     assert batches == sweep + [64, 32, 128] * autotune.CONFIRM_ROUNDS  # the three fastest, interleaved
 
 
@@ -345,6 +347,64 @@ def test_the_wall_clock_gives_up_on_a_clear_loser_after_its_warm_up(monkeypatch)
     assert clock("input_grad", Config("bf16", batch=10), run_taking(8.0, [])) == 8.0  # per pass
 
 
+def test_a_first_call_paying_one_time_costs_is_not_taken_for_a_loser(monkeypatch):
+    """A warm-up is compared with warm-ups: candidate ``b`` pays 10x its steady time on its first call (kernels
+    built for a new precision or layout) but is twice as fast after; against the first candidate's steady time
+    it would be given up, against its warm-up it is timed and wins."""
+    now = [0.0]
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])
+
+    def machine(first: float, steady: float) -> Callable[[], None]:
+        calls = []
+
+        def run() -> None:
+            now[0] += first if not calls else steady
+            calls.append(1)
+
+        return run
+
+    clock = autotune.WallClock(torch.device("cpu"), iters=3, candidate_s=100.0, give_up=3.0)
+    assert clock("train_step", Config(batch=10), machine(2.0, 1.0)) == 1.0
+    assert clock("train_step", Config("bf16", True, batch=10), machine(5.0, 0.5)) == 0.5
+
+
+def simulated_cpu(cold: dict[tuple[str, bool], float], steady: dict[tuple[str, bool], float]):
+    """A timer running the real ``WallClock`` on a fake clock: a call of ``c.batch`` images costs 1 ms plus
+    ``steady`` ms per image, and ``cold`` ms per image more on the first call of each configuration."""
+    now = [0.0]
+    clock = autotune.WallClock(torch.device("cpu"))
+    seen: set[Config] = set()
+
+    def timer(pass_name: str, c: Config, run: Callable[[], object]) -> float:
+        def call() -> None:
+            key = (c.precision, c.channels_last)
+            now[0] += 1e-3 + c.batch * 1e-3 * (steady[key] + (0 if c in seen else cold[key]))
+            seen.add(c)
+
+        return clock(pass_name, c, call)
+
+    return now, timer
+
+
+def test_a_bf16_cpu_whose_kernels_build_on_first_use_trains_in_bf16(cache, monkeypatch):
+    """The measured shape of efficient_cnn's training step on a 2-core AVX-512 BF16 CPU (2026-12-01): bf16
+    channels_last twice as fast as fp32 once warm, but its first calls several times slower. The tuner
+    chose fp32 channels_last there (0.34x of the fastest step) while it compared first calls with steady
+    ones; it must choose bf16 channels_last."""
+    steady = {("fp32", False): 2.0, ("fp32", True): 1.3, ("bf16", False): 1.4, ("bf16", True): 0.8}
+    cold = {("fp32", False): 2.0, ("fp32", True): 4.0, ("bf16", False): 8.0, ("bf16", True): 10.0}
+    now, timer = simulated_cpu(cold, steady)
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])
+    tuning = tune(Tiny(), (1, 8, 8), passes=("train_step",), timer=timer, cache_dir=cache)
+    assert tuning.choices["train_step"] == Config("bf16", True, 32)
+    # and emulated bf16 (an AVX2 CPU: 8x slower, cold or not) still loses
+    emulated = {k: v * (8 if k[0] == "bf16" else 1) for k, v in steady.items()}
+    now, timer = simulated_cpu({k: 1.0 for k in steady}, emulated)
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])
+    tuning = tune(Tiny(), (1, 8, 8), passes=("train_step",), timer=timer, cache_dir=cache, refresh=True)
+    assert tuning.choices["train_step"] == Config("fp32", True, 32)
+
+
 def test_a_compiled_step_is_chosen_only_when_training_compiles():
     eager, compiled = Config("fp32", True, 32), Config("fp32", True, 32, compile=True)
     table = {eager: 1.0, Config("fp32", False, 32): 1.2, compiled: 0.5}
@@ -387,9 +447,9 @@ def test_the_cost_is_bounded_by_the_budget_and_logged(cache, monkeypatch, caplog
         tuning = tune(Tiny(), (1, 8, 8), timer=timer, cache_dir=cache / "bounded", budget_s=4.0)
     # stage 0: probes at 1/8 of 16 (explaining) and 32 (training), and one-image screens of the others
     probes = sum(c.batch in (1, 2, 4) for _, c in timer.calls)
-    assert (
-        probes == 9
-    )  # training: 2 fp32 probes + 3 screens (fp32 passes on, bf16 x2 do not); 2 + 2 explaining
+    # training: 4 screens, of which the 2 fp32 pass on to their probes (bf16 x2 do not); explaining, per pass:
+    # 2 screens, 1 probe
+    assert probes == 12
     bound = 4.0 + probes + len(autotune.PASSES)  # the budget, the probes, one candidate per pass
     assert tuning.seconds == now[0] == len(timer.calls) <= bound < len(free.calls)
     assert set(tuning.choices) == set(autotune.PASSES)  # every pass still gets a choice
@@ -415,7 +475,7 @@ def test_the_exact_fp32_mode_gets_its_own_chunk_when_bf16_wins(cache):
     assert tuning.bf16_accurate and tuning.choices["forward"] == Config("bf16", False, 32)
     fp32_sweep = [c.batch for p, c in timer.calls if p == "forward" and c.precision == "fp32"]
     # past the peak at 128 by two sizes, then the three fastest re-timed
-    assert fp32_sweep == [2, 16, 32, 64, 128, 256, 512] + [128, 64, 256] * autotune.CONFIRM_ROUNDS
+    assert fp32_sweep == [1, 2, 16, 32, 64, 128, 256, 512] + [128, 64, 256] * autotune.CONFIRM_ROUNDS
     assert autotune.chunk_size(model, x, grad=False, precision="bf16") == 32
     assert autotune.chunk_size(model, x, grad=False, precision="fp32") == 128
     assert autotune.chunk_size(model, x, grad=True, precision="fp32") == 128  # cap 256 with gradients

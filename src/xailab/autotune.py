@@ -54,7 +54,7 @@ from xailab.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-VERSION = 3  # of the cache format and of the measuring procedure: a change invalidates old files
+VERSION = 4  # of the cache format and of the measuring procedure: a change invalidates old files
 ENV = "XAILAB_AUTOTUNE"
 Pass = Literal["train_step", "forward", "input_grad"]
 Precision = Literal["fp32", "bf16"]
@@ -126,15 +126,19 @@ class WallClock:
     """The default timer: one warm-up call, then up to ``iters`` timed calls (stopping once they took
     ``candidate_s``); the fastest call counts, since other work on a shared machine only slows calls down.
 
-    A candidate whose warm-up per image is already ``give_up`` times the best steady time of the pass is
-    not timed further (its warm-up counts): bf16 emulated on an AVX2 CPU costs one call, not four.
+    A candidate whose warm-up is already ``give_up`` times the fastest warm-up of the same pass at the same
+    batch is not timed further (its warm-up counts): bf16 emulated on an AVX2 CPU costs one call, not four.
+    Warm-ups are compared with warm-ups only: a first call in a new precision or layout pays one-time costs
+    (oneDNN builds its kernels: a two-image bf16 training step of MobileNetV2 took 5x its steady time on an
+    AVX-512 BF16 CPU), so against a steady time it would make a candidate that wins at full speed look like
+    a clear loser.
     """
 
     def __init__(
         self, device: torch.device, iters: int = 3, candidate_s: float = 0.5, give_up: float = GIVE_UP
     ):
         self.device, self.iters, self.candidate_s, self.give_up = device, iters, candidate_s, give_up
-        self._best: dict[str, float] = {}  # per pass, for this tuning only
+        self._warm: dict[tuple[str, int], float] = {}  # fastest warm-up per (pass, batch), this tuning only
 
     def _once(self, run: Callable[[], object]) -> float:
         synchronize(self.device)
@@ -145,15 +149,15 @@ class WallClock:
 
     def __call__(self, pass_name: str, config: Config, run: Callable[[], object]) -> float:
         warm = self._once(run)
-        best = self._best.get(pass_name, math.inf)
-        if warm / config.batch > self.give_up * best:
+        key = (pass_name, config.batch)
+        best_warm = self._warm.get(key, math.inf)
+        self._warm[key] = min(best_warm, warm)
+        if warm > self.give_up * best_warm:
             return warm
         times: list[float] = []
         while len(times) < self.iters and sum(times) < self.candidate_s:
             times.append(self._once(run))
-        seconds = min(times)
-        self._best[pass_name] = min(best, seconds / config.batch)
-        return seconds
+        return min(times)
 
 
 def choose(timings: Mapping[Config, float], allow_bf16: bool = True) -> Config:
@@ -512,17 +516,20 @@ def _measure_pass(
     # Stage 0, a probe of every candidate at a few images: a clear loser (bf16 emulated on an AVX2 CPU runs
     # ~8x slower) costs one small call instead of calls at the full batch.
     probes: dict[Config, float] = {}
+    screens: list[float] = []
     # Training chooses the layout; explanations run the model in the layout it has (they never convert a
     # caller's model), so their candidates keep it.
     layouts = (False, True) if pass_name == "train_step" else (model_is_channels_last(bench.model),)
     for c in _candidates(max(least, first // PROBE_FRACTION), layouts):
-        if probes and c.batch > least:
+        if c.batch > least:
             # Screened at one image first (two for training): emulated bf16 costs seconds per image on a large
             # model (densenet169 at 224x224: ~4 s on the 2-core AVX2 EPYC), so a clear loser costs one image,
-            # not a probe's batch.
+            # not a probe's batch. Screens are compared with screens (same batch, same per-call overhead),
+            # never with a probe: at one or two images the fixed cost of a call dominates.
             screen = Config(c.precision, c.channels_last, least, c.compile)
             seconds = timer(pass_name, screen, bench.runner(pass_name, screen)) / least
-            if seconds > PROBE_GIVE_UP * min(probes.values()):
+            screens.append(seconds)
+            if seconds > PROBE_GIVE_UP * min(screens):
                 probes[screen] = timings[screen] = seconds
                 continue
         probes[c] = timings[c] = timer(pass_name, c, bench.runner(pass_name, c)) / c.batch
