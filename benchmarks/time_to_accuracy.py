@@ -238,6 +238,43 @@ def run_cell(
     }
 
 
+def _reach(row: dict[str, Any]) -> str:
+    if row["reached"]:
+        return f"{row['epochs']} epochs, {row['seconds']:.0f} s"
+    return (
+        f"not reached: {row['epochs_run']} epochs, {row['seconds_run']:.0f} s run "
+        f"(best {row['best_test_accuracy']:.4f})"
+    )
+
+
+def speedups(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Per cell with both recipes run: each recipe's way to the claim and the seed's time over xailab's.
+
+    Where only xailab's recipe reached the claim there is no finite ratio: the row says whether the seed's run
+    stopped early (its early stopping) or ran its whole budget; where neither or only the seed's reached it,
+    there is no ratio (``-``)."""
+    by_cell: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_cell.setdefault((r["model"], r["dataset"]), {})[r["recipe"]] = r
+    out = []
+    for (model, dataset), recipes in by_cell.items():
+        if "xailab" not in recipes or "seed" not in recipes:
+            continue
+        ours, seed = recipes["xailab"], recipes["seed"]
+        if ours["reached"] and seed["reached"]:
+            ratio = f"{seed['seconds'] / ours['seconds']:.2f}x"
+        elif ours["reached"] and seed["epochs_run"] < seed["epoch_budget"]:
+            ratio = "only xailab's reaches it (the seed's stopped early)"
+        elif ours["reached"]:
+            ratio = "only xailab's reaches it (the seed's budget ran out)"
+        else:
+            ratio = "-"
+        out.append(
+            {"model": model, "dataset": dataset, "xailab": _reach(ours), "seed": _reach(seed), "ratio": ratio}
+        )
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], machine: str) -> str:
     """The results as a markdown table."""
     lines = [
@@ -252,6 +289,15 @@ def markdown(rows: list[dict[str, Any]], machine: str) -> str:
             f"{'yes' if r['reached'] else 'no'} | {r['epochs'] if r['reached'] else '-'} | "
             f"{r['seconds'] if r['reached'] else '-'} | {r['best_test_accuracy']} | {r['epoch_budget']} |"
         )
+    ratios = speedups(rows)
+    if ratios:
+        lines += [
+            "",
+            "| model | dataset | xailab's recipe to the claim | the seed's recipe to the claim | seed / xailab (time) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in ratios:
+            lines.append(f"| {r['model']} | {r['dataset']} | {r['xailab']} | {r['seed']} | {r['ratio']} |")
     if any("JPEG" in n for r in rows for n in r["data_notes"]):
         lines += ["", "CIFAR-10 rows use the lossy JPEG q75 copy (see each run's config.json notes)."]
     return "\n".join(lines) + "\n"

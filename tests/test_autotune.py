@@ -325,6 +325,29 @@ def test_the_speed_command_prints_the_table_and_the_choice(cache, capsys):
     assert out.strip().splitlines()[-1].startswith("choice: train_step: fp32 channels_last")
 
 
+def test_the_cli_prints_the_autotuners_logged_warnings_as_xailab_lines(cache, capsys, monkeypatch):
+    # an unusable cache file is logged as a warning by the autotuner; the CLI prints it as its other warnings,
+    # one `xailab: warning:` line (it printed a bare `ignoring autotune cache ...` before), and no info records
+    import logging
+
+    from xailab import cli
+    from xailab.models import create_model, random_init_options
+
+    model = create_model("mnist_cnn", in_channels=1, num_classes=10, **random_init_options("mnist_cnn"))
+    tune(model, (1, 28, 28), torch.device("cpu"), timer=FakeTimer(avx2_like))
+    files = list(cache.glob("*.json"))
+    assert files
+    for f in files:
+        f.write_text("{not json")
+    monkeypatch.setattr(autotune, "WallClock", lambda device: FakeTimer(avx2_like))  # measured again, fast
+    handlers = list(logging.getLogger("xailab").handlers)
+    assert cli.main(["speed", "--model", "mnist_cnn", "--channels", "1", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[0].startswith("xailab: warning: ignoring autotune cache ")
+    assert all(line.startswith("xailab: warning: ") for line in err)  # info records stay silent
+    assert logging.getLogger("xailab").handlers == handlers  # the command's handler is gone
+
+
 def test_the_wall_clock_gives_up_on_a_clear_loser_after_its_warm_up(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(autotune.time, "perf_counter", lambda: now[0])

@@ -82,6 +82,41 @@ def test_time_to_accuracy_stops_at_the_claim_and_records_a_miss(shared_data_dir,
     assert (result.parent / "time_to_accuracy.md").read_text().count("\n|") >= 2
 
 
+def test_time_to_accuracy_prints_the_seed_over_xailab_ratio_per_cell(monkeypatch):
+    """Both reached: the ratio of their times; only xailab's: no finite ratio, and why the seed's ended; only
+    the seed's: no ratio."""
+    bench = script("time_to_accuracy", monkeypatch)
+
+    def row(model: str, recipe: str, reached: bool, seconds: float, epochs: int) -> dict:
+        return {
+            "model": model, "dataset": "cifar10", "recipe": recipe, "target": 0.8, "reached": reached,
+            "epochs": epochs if reached else None, "seconds": seconds if reached else None,
+            "epochs_run": epochs, "seconds_run": seconds, "best_test_accuracy": 0.81 if reached else 0.65,
+            "epoch_budget": 30, "data_notes": [],
+        }  # fmt: skip
+
+    rows = [
+        row("resnet18", "xailab", True, 100.0, 4),
+        row("resnet18", "seed", True, 250.0, 9),
+        row("mobilenetv2", "xailab", True, 200.0, 14),
+        row("mobilenetv2", "seed", False, 150.0, 12),
+        row("efficient_cnn", "xailab", False, 300.0, 16),
+        row("efficient_cnn", "seed", True, 400.0, 20),
+    ]
+    ratios = {r["model"]: r["ratio"] for r in bench.speedups(rows)}
+    assert ratios == {
+        "resnet18": "2.50x",
+        "mobilenetv2": "only xailab's reaches it (the seed's stopped early)",
+        "efficient_cnn": "-",
+    }
+    text = bench.markdown(rows, "a CPU")
+    assert "| resnet18 | cifar10 | 4 epochs, 100 s | 9 epochs, 250 s | 2.50x |" in text
+    assert "not reached: 12 epochs, 150 s run (best 0.6500)" in text
+    assert bench.speedups(rows[:1]) == []  # one recipe only: nothing to compare
+    spent = [rows[2], {**rows[3], "epochs_run": 30}]
+    assert bench.speedups(spent)[0]["ratio"] == "only xailab's reaches it (the seed's budget ran out)"
+
+
 def test_a_killed_time_to_accuracy_run_resumes_with_its_clock(shared_data_dir, tmp_path, monkeypatch, capsys):
     """Killed during the second cell: ``--resume`` keeps the first cell (not retrained), continues the second
     from its checkpoint with its clock (same per-epoch test accuracies as an uninterrupted run, timed seconds

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import math
 import re
 import sys
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -563,9 +565,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # `train --devices N` relaunches the same command under torchrun
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _logged_warnings_as_lines():
         warnings.showwarning = _show_warning  # restored when the command ends
         return _run_command(args)
+
+
+class _LineFormatter(logging.Formatter):
+    """A logged record as one ``xailab: warning: ...`` line, like the CLI's warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"xailab: {record.levelname.lower()}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _logged_warnings_as_lines() -> Iterator[None]:
+    """For one command, xailab's logged warnings and errors (the autotuner's: an unusable cache file, a failed
+    ``torch.compile``) print on stderr as ``xailab: warning: ...`` lines; without a handler Python's last-resort
+    one printed the bare message (``autotune: ...``), which did not say where it came from. Info and debug
+    records stay silent; the handler is removed when the command ends."""
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of this call (pytest swaps it per test)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_LineFormatter())
+    package = logging.getLogger("xailab")
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
 
 
 def _show_warning(
