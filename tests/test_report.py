@@ -206,3 +206,71 @@ def test_chromium_screenshot_is_not_blank(study_dir, tmp_path):
     # A rendered page has the dark header, text, charts and heatmaps: many distinct colours, not one.
     assert pixels.std() > 20
     assert len(np.unique(pixels[::4, ::4].reshape(-1, 3), axis=0)) > 500
+
+
+def _fake_records(n: int, classes: int = 10) -> list[dict]:
+    """``n`` cells' records as the charts read them: a 12-epoch history and a test confusion matrix."""
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "cell": f"model{i}__cifar10",
+            "class_names": [f"class{c}" for c in range(classes)],
+            "history": [
+                {
+                    "epoch": e,
+                    "train_accuracy": 0.5 + 0.03 * e,
+                    "val_accuracy": 0.5 + 0.02 * e,
+                    "train_loss": 2.0 / e,
+                    "val_loss": 2.2 / e,
+                }
+                for e in range(1, 13)
+            ],
+            "test": {"confusion_matrix": rng.integers(0, 50, (classes, classes)).tolist()},
+        }
+        for i in range(n)
+    ]
+
+
+def _boxes(fig):
+    """Draws ``fig`` and returns its axes' and legends' bounding boxes in display units."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    axes = [ax.get_window_extent(renderer) for ax in fig.axes if ax.axison]
+    legends = [leg.get_window_extent(renderer) for leg in fig.legends]
+    return axes, legends
+
+
+@pytest.mark.parametrize("n", [1, 6, 12])
+def test_the_training_curves_legend_never_covers_the_plots(n):
+    from xailab.report import charts
+
+    fig = charts.training_curves(_fake_records(n))
+    axes, legends = _boxes(fig)
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a plot
+    assert len(legends) == 1
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [f"model{i}__cifar10" for i in range(n)] + ["training", "validation"]
+    for box in axes:
+        assert not box.overlaps(legends[0]), (box, legends[0])
+    height = fig.get_figheight() * fig.dpi
+    assert legends[0].y0 >= 0 and legends[0].y1 <= height  # inside the saved image
+
+
+def test_confusion_matrices_wrap_so_each_keeps_its_size():
+    from xailab.report import charts
+
+    one = charts.confusion_matrices(_fake_records(1))
+    six = charts.confusion_matrices(_fake_records(6))
+    (box_one,), _ = _boxes(one)
+    boxes, _ = _boxes(six)
+    assert len(boxes) == 6  # spare axes hidden
+    assert six.get_figwidth() == pytest.approx(one.get_figwidth() * 3 - 0.6 * 2)  # three to a row
+    rows = sorted({round(b.y0) for b in boxes})
+    assert len(rows) == 2
+    for box in boxes:  # each matrix at least 80% as wide as a lone one
+        assert box.width >= 0.8 * box_one.width
+    for a, b in [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]]:
+        assert not a.overlaps(b)

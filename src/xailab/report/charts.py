@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from xailab.io import atomic_write
@@ -27,38 +28,36 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> str:
 
 
 def training_curves(records: Sequence[Record]) -> Figure:
-    """Accuracy and loss per epoch of every cell, training (solid) and validation (dashed)."""
-    fig = Figure(figsize=(11, 4.2))
+    """Accuracy and loss per epoch of every cell, training (solid) and validation (dashed).
+
+    The legend sits below both plots, one entry per cell (its colour) plus one per line style: a legend inside
+    the axes covered the curves once a study had more than a few cells (two entries per cell).
+    """
+    columns = max(1, min(len(records), 4))
+    legend_rows = math.ceil((len(records) + 2) / columns)
+    fig = Figure(figsize=(11, 3.8 + 0.22 * legend_rows))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for i, rec in enumerate(records):
         colour = f"C{i % 10}"
         epochs = [row["epoch"] for row in rec["history"]]
         for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
-            ax.plot(
-                epochs,
-                [row[f"train_{key}"] for row in rec["history"]],
-                "-o",
-                ms=3,
-                color=colour,
-                label=f"{rec['cell']} train",
-            )
+            ax.plot(epochs, [row[f"train_{key}"] for row in rec["history"]], "-o", ms=3, color=colour)
             val = [row.get(f"val_{key}") for row in rec["history"]]
             if any(v is not None for v in val):
-                ax.plot(
-                    epochs,
-                    [np.nan if v is None else v for v in val],
-                    "--s",
-                    ms=3,
-                    color=colour,
-                    label=f"{rec['cell']} val",
-                )
+                ax.plot(epochs, [np.nan if v is None else v for v in val], "--s", ms=3, color=colour)
     for ax, title in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax_loss.set_yscale("log")
-    ax_acc.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = [Line2D([], [], color=f"C{i % 10}", lw=2, label=rec["cell"]) for i, rec in enumerate(records)]
+    handles += [
+        Line2D([], [], color="grey", ls="-", marker="o", ms=3, label="training"),
+        Line2D([], [], color="grey", ls="--", marker="s", ms=3, label="validation"),
+    ]
+    legend_height = (0.22 * legend_rows + 0.15) / fig.get_figheight()
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7, frameon=False)
     return fig
 
 
@@ -89,14 +88,23 @@ def accuracy_scatter(records: Sequence[Record]) -> Figure:
     return fig
 
 
-def confusion_matrices(records: Sequence[Record]) -> Figure:
-    """The test confusion matrices of cells on one dataset side by side, row-normalised, counts written in."""
+def confusion_matrices(records: Sequence[Record], per_row: int = 3) -> Figure:
+    """The test confusion matrices of cells on one dataset, row-normalised, counts written in.
+
+    At most ``per_row`` side by side, further cells wrap onto new rows, so each matrix keeps a readable size
+    however many cells the study has (six in a row were too small to read in a page-wide report).
+    """
     n = len(records)
     k = len(records[0]["class_names"])
     size = min(3.4, 1.2 + 0.22 * k)
-    fig = Figure(figsize=(size * n + 0.6, size + 0.4))
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    for ax, rec in zip(axes, records, strict=True):
+    cols = min(n, per_row)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(size * cols + 0.6, (size + 0.4) * rows))
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.axis("off")
+    for ax, rec in zip(axes, records, strict=False):  # spare axes hidden above
         cm = np.asarray(rec["test"]["confusion_matrix"], dtype=float)
         rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
