@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 
@@ -215,6 +216,45 @@ def test_ema_training_resumes_exactly(tmp_path, single_thread):
     ]
     for k, v in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_validation_chooses_on_plain_logits_and_only_the_test_is_flipped(
+    tmp_path, single_thread, monkeypatch
+):
+    """Flip TTA doubles a forward pass: the per-epoch validation (raw and EMA weights) goes without it, the
+    test split, evaluated once, with it."""
+    loop = importlib.import_module("xailab.train.loop")  # the package exports a function named train
+
+    flipped: list[int] = []
+
+    def counting_flip_tta(model, x):
+        flipped.append(x.shape[0])
+        return flip_tta(model, x)
+
+    monkeypatch.setattr(loop, "flip_tta", counting_flip_tta)
+    config = TrainConfig.from_dict(
+        {
+            "model": "mnist_cnn",
+            "dataset": "digits",
+            "epochs": 2,
+            "batch_size": 64,
+            "train_limit": 320,
+            "image_size": 16,
+            "precision": "fp32",
+            "tta": "flip",
+            "eval_batch_size": 1000,
+        }
+    )
+    assert config.ema_decay > 0
+    run = train(config, out_dir=tmp_path, name="tta", progress=False)
+    dataset = loop.load_dataset(config.dataset, image_size=16, channels=config.channels)
+    assert flipped == [len(dataset["test"])]  # one flipped batch: the test split, after training
+    # the history's validation figures are those of the plain logits of the chosen weights
+    val = loop._split_train_val(dataset, config)[1]
+    assert val is not None and len(val) > 0
+    plain = predict_logits(run.model, val.images, run.mean, run.std)
+    best = run.history[run.metrics["best_epoch"] - 1]
+    assert best["val_accuracy"] == pytest.approx((plain.argmax(1) == val.labels).float().mean().item())
 
 
 def test_a_rate_tuned_for_another_optimizer_is_warned_about():
