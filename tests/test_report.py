@@ -274,3 +274,74 @@ def test_confusion_matrices_wrap_so_each_keeps_its_size():
         assert box.width >= 0.8 * box_one.width
     for a, b in [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]]:
         assert not a.overlaps(b)
+
+
+def _stats(mean: float, low: float, high: float) -> dict:
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": 64}
+
+
+@pytest.mark.parametrize(
+    ("stats", "better", "expected"),
+    [
+        (_stats(0.69, 0.65, 0.73), "higher", "above"),  # insertion, interval wholly above chance's 0.56
+        (_stats(0.61, 0.56, 0.66), "higher", "at"),  # the interval holds 0.56 (its low end 0.557 < 0.561)
+        (_stats(0.50, 0.45, 0.55), "higher", "below"),
+        (_stats(0.69, 0.65, 0.73), "lower", "below"),  # deletion-like: higher than chance is worse
+        (_stats(0.40, 0.35, 0.45), "lower", "above"),
+        (_stats(0.69, 0.65, 0.73), "none", None),  # a property (sparseness): no direction, no verdict
+        (None, "higher", None),
+        (_stats(float("nan"), float("nan"), float("nan")), "higher", None),
+    ],
+)
+def test_versus_chance_known_answers(stats, better, expected):
+    from xailab.report.shortcut import versus_chance
+
+    assert versus_chance(stats, _stats(0.561, 0.499, 0.620), better) == expected
+    assert versus_chance(stats, None, better) is None  # records made before the chance level existed
+
+
+def test_the_best_score_is_bold_only_when_it_beats_chance():
+    """cifar10-cnn's converged simple_cnn (2026-12-01): every method's deletion AUC is at or below the chance
+    level, so none is bold there, while Grad-CAM's insertion AUC beats chance and stays bold."""
+    from xailab.report.build import quality_table
+    from xailab.report.shortcut import trust_table
+
+    quality = {
+        "gradcam": {
+            "deletion_auc": _stats(0.278, 0.240, 0.320),
+            "insertion_auc": _stats(0.687, 0.645, 0.731),
+        },
+        "saliency": {
+            "deletion_auc": _stats(0.307, 0.265, 0.355),
+            "insertion_auc": _stats(0.608, 0.557, 0.659),
+        },
+        "smoothgrad": {
+            "deletion_auc": _stats(0.265, 0.231, 0.299),
+            "insertion_auc": _stats(0.683, 0.636, 0.729),
+        },
+    }
+    chance = {"deletion_auc": _stats(0.263, 0.208, 0.326), "insertion_auc": _stats(0.561, 0.499, 0.620)}
+    info = {"deletion_auc": {"better": "lower"}, "insertion_auc": {"better": "higher"}}
+    metrics = ["deletion_auc", "insertion_auc"]
+    record = {
+        "cell": "simple_cnn__cifar10",
+        "model": "simple_cnn",
+        "dataset": "cifar10",
+        "explain": {"methods": list(quality)},
+        "quality": quality,
+        "chance": chance,
+    }
+    rows = quality_table(CellRecord.from_dict(record), metrics, info)
+    by_method = {row["method"]: row["scores"] for row in rows}
+    (trust,) = trust_table([record], metrics, info, 0.5)["cells"]
+    trusted = {row["method"]: row["quality"] for row in trust["rows"]}
+    for table in (by_method, trusted):
+        assert [table[m]["deletion_auc"]["chance"] for m in quality] == ["at", "below", "at"]
+        assert not any(table[m]["deletion_auc"]["best"] for m in quality)  # smoothgrad's 0.265 is the lowest
+        assert [table[m]["insertion_auc"]["chance"] for m in quality] == ["above", "at", "above"]
+        assert [table[m]["insertion_auc"]["best"] for m in quality] == [True, False, False]
+    assert rows[-1]["chance"] and rows[-1]["scores"]["deletion_auc"]["text"] == "0.263 [0.208, 0.326]"
+    assert trust["chance"] == {
+        "deletion_auc": "0.263 [0.208, 0.326]",
+        "insertion_auc": "0.561 [0.499, 0.620]",
+    }

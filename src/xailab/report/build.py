@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -28,7 +28,7 @@ from xailab.io import read_json, write_text
 from xailab.metrics.assessment import CHANCE_LABEL
 from xailab.records import ALL_METHODS, QUADRANTS, CellRecord, read_cell_record
 from xailab.report import charts
-from xailab.report.shortcut import cascade_verdict
+from xailab.report.shortcut import cascade_verdict, score_text, scored_cell
 from xailab.report.shortcut import report_context as ground_truth_context
 
 Record = CellRecord
@@ -191,18 +191,13 @@ def not_applicable(rec: Record, method: str) -> str | None:
     return f"n/a — {skipped.reason}" if skipped is not None else None
 
 
-def score_text(s: Mapping[str, float] | None) -> str:
-    """``mean [ci_low, ci_high]`` to three decimals; ``-`` for no score or a NaN mean."""
-    if s is None or math.isnan(s["mean"]):
-        return "-"
-    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-
-
 def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows (one per method) of ``metric -> {"text", "best"}``; the best method per metric is flagged. A
-    method skipped on the cell's model gets a row whose ``na`` says what it needs; a last row (``chance``)
-    holds the metrics' level on random maps, where the record has it."""
+    """Rows (one per method) of ``metric -> {"text", "chance", "best"}`` (``shortcut.scored_cell``): the best
+    method per metric is flagged unless its score is at or below chance. A method skipped on the cell's model
+    gets a row whose ``na`` says what it needs; a last row (``chance``) holds the metrics' level on random
+    maps, where the record has it."""
     quality = rec.section("quality", {})
+    chance = rec.section("chance", {})  # absent in records made before the chance level existed
     best: dict[str, str] = {}
     for metric in metrics:
         better = info.get(metric, {}).get("better", "none")
@@ -213,15 +208,15 @@ def quality_table(rec: Record, metrics: Sequence[str], info: dict[str, Any]) -> 
     for method, q in quality.items():
         cells = {}
         for metric in metrics:
-            cells[metric] = {"text": score_text(q[metric]), "best": best.get(metric) == method}
+            better = info.get(metric, {}).get("better", "none")
+            cells[metric] = scored_cell(q[metric], chance.get(metric), better, best.get(metric) == method)
         rows.append({"method": method, "scores": cells, "na": None, "chance": False})
     rows += [
         {"method": m, "scores": {}, "na": not_applicable(rec, m), "chance": False}
         for m in rec.skipped_methods
     ]
-    chance = rec.section("chance", {})  # absent in records made before the chance level existed
     if chance:
-        cells = {m: {"text": score_text(chance.get(m)), "best": False} for m in metrics}
+        cells = {m: {"text": score_text(chance.get(m)), "chance": None, "best": False} for m in metrics}
         rows.append({"method": CHANCE_LABEL, "scores": cells, "na": None, "chance": True})
     return rows
 

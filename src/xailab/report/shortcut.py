@@ -38,6 +38,32 @@ def score_text(stats: Mapping[str, Any] | None) -> str:
     return f"{stats['mean']:.3f} [{stats['ci_low']:.3f}, {stats['ci_high']:.3f}]"
 
 
+def versus_chance(
+    stats: Mapping[str, Any] | None, chance: Mapping[str, Any] | None, better: str
+) -> str | None:
+    """Where a method's score stands against the chance level (the same metric on random maps):
+    ``"above"`` when its 95% interval lies wholly on the better side of chance's mean, ``"below"`` when
+    wholly on the worse side, ``"at"`` when the interval holds it; None without a chance level, a score or a
+    direction. A score at chance says nothing the metric can see, however it ranks among the methods."""
+    if better not in ("higher", "lower") or not stats or not chance:
+        return None
+    level, low, high = chance.get("mean"), stats.get("ci_low"), stats.get("ci_high")
+    if level is None or low is None or high is None or any(math.isnan(v) for v in (level, low, high)):
+        return None
+    if low <= level <= high:
+        return "at"
+    return "above" if (low > level) == (better == "higher") else "below"
+
+
+def scored_cell(
+    stats: Mapping[str, Any] | None, chance: Mapping[str, Any] | None, better: str, is_best: bool
+) -> dict[str, Any]:
+    """One table cell of a method's score: ``text``, ``chance`` (``versus_chance``) and ``best``, which a
+    score at or below chance never gets (bold would point at a method the metric cannot tell from noise)."""
+    verdict = versus_chance(stats, chance, better)
+    return {"text": score_text(stats), "chance": verdict, "best": is_best and verdict in (None, "above")}
+
+
 def best_methods(scores: Mapping[str, Mapping[str, Any]], metric: str, better: str) -> str | None:
     """The method with the best mean of ``metric`` (``better``: ``higher`` or ``lower``), None if none."""
     means = {m: (s.get(metric) or {}).get("mean") for m, s in scores.items()}
@@ -115,6 +141,7 @@ def trust_table(
         methods = list(rec.get("explain", {}).get("methods") or quality or local)
         best = {m: best_methods(quality, m, info[m]["better"]) for m in quality_cols}
         best.update({m: best_methods(local, m, "higher") for m in local_cols})
+        chance = rec.get("chance") or {}
         rows = []
         for method in methods:
             rows.append(
@@ -122,7 +149,12 @@ def trust_table(
                     "method": method,
                     "sanity": sanity_verdict(rec, method, threshold),
                     "quality": {
-                        m: {"text": score_text((quality.get(method) or {}).get(m)), "best": best[m] == method}
+                        m: scored_cell(
+                            (quality.get(method) or {}).get(m),
+                            chance.get(m),
+                            info[m]["better"],
+                            best[m] == method,
+                        )
                         for m in quality_cols
                     },
                     "localisation": {
@@ -145,6 +177,8 @@ def trust_table(
                 "quality_columns": quality_cols,
                 "localisation_columns": local_cols,
                 "rows": rows,
+                # the level each quality score must beat; absent in records made before it existed
+                "chance": {m: score_text(chance.get(m)) for m in quality_cols} if chance else None,
             }
         )
     return {
