@@ -242,3 +242,31 @@ def test_assess_resumes_a_killed_run_says_so_and_removes_its_parts(digits_run, t
     assert "resuming: finished before: saliency" in capsys.readouterr().err
     assert calls.count == 1  # gradcam only
     assert (out / "scores.json").is_file() and not (out / ASSESS_PARTS_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    ("stages", "columns", "expected"),
+    [(106, 12, [0, 10, 19, 29, 38, 48, 57, 67, 76, 86, 95, 105]), (5, 12, [0, 1, 2, 3, 4]), (2, 8, [0, 1])],
+)
+def test_cascade_stages_spread_evenly_and_keep_both_ends(stages, columns, expected):
+    from xailab.report.assessment import cascade_stages
+
+    assert cascade_stages(stages, columns) == expected
+
+
+def test_a_deep_cascade_draws_at_most_twelve_readable_columns():
+    """MobileNetV2's 105 randomised layers drew 106 columns too thin to see: 12 are drawn, first the trained
+    model's maps, last every layer random, each named by how many layers are random and the last one."""
+    import numpy as np
+
+    from xailab.report.assessment import sanity_maps_figure
+
+    layers = [f"features.{i}" for i in range(105)]
+    maps = np.random.default_rng(0).random((106, 3, 1, 16, 16))
+    fig = sanity_maps_figure("guided_backprop", maps, layers)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) == 12
+    assert labels[0] == "original" and labels[-1] == "105 random\n(to features.104)"
+    assert labels[1] == "10 random\n(to features.9)"
+    assert ax.images[0].get_array().shape == (3 * 16 + 2 * 2, 12 * 16 + 11 * 2)  # 3 images x 12 stages
