@@ -81,6 +81,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
             },
             ["epochs set in both model_train.keras_cnn and dataset_train.digits", "set it in one of them"],
         ),
+        (
+            {"cell_train": {"keras_cnn__mnist": {"epochs": 2}}},
+            ["cell_train", "'keras_cnn__mnist' is not in the study", "keras_cnn__digits"],
+        ),
+        ({"cell_train": {"keras_cnn__digits": {"epochs": 0}}}, ["cell_train.keras_cnn__digits.epochs"]),
+        (
+            {"cell_train": {"keras_cnn__digits": {"model": "x"}}},
+            ["cell_train.keras_cnn__digits.model cannot"],
+        ),
+        (
+            {"cell_train": {"keras_cnn__digits": {"model_options": {"stride": 2}}}},
+            ["cell_train.keras_cnn__digits.model_options is not read", "model_options"],
+        ),
+        ({"cell_train": {"keras_cnn__digits": 16}}, ["cell_train.keras_cnn__digits: expected a mapping"]),
     ],
 )
 def test_bad_spec_names_the_key(changes, expected):
@@ -122,6 +136,26 @@ def test_dataset_train_gives_one_dataset_its_budget_and_composes_with_model_trai
     assert [c.config.lr for c in cells_b] == [0.003, 0.01]
     assert cells_b[0].config.train_limit == cells_a[0].config.train_limit == 256  # the rest shared
     assert cell_key(spec_from_dict(both), cells_b[0]) != cell_key(spec_from_dict(shared), cells_a[0])
+
+
+def test_cell_train_gives_one_model_dataset_pair_its_budget_over_the_model_and_dataset_ones():
+    """The seed grid's two Fashion-MNIST misses need 16 epochs, the other cells of the dataset and of those
+    models do not: ``cell_train`` wins over ``model_train`` and ``dataset_train`` (no ambiguity: it is the
+    most specific) for that pair only, and the other cells keep their configs and keys."""
+    layered = tiny(
+        models=["keras_cnn", "mnist_cnn"],
+        option_grid={},
+        dataset_train={"digits": {"epochs": 2}},
+        model_train={"mnist_cnn": {"lr": 0.01}},
+    )
+    per_cell = {**layered, "cell_train": {"mnist_cnn__digits": {"epochs": 4, "lr": 0.02}}}
+    a, b = spec_from_dict(layered), spec_from_dict(per_cell)
+    cells_a, cells_b = expand_cells(a), expand_cells(b)
+    assert [(c.config.epochs, c.config.lr) for c in cells_a] == [(2, 0.003), (2, 0.01)]
+    assert [(c.config.epochs, c.config.lr) for c in cells_b] == [(2, 0.003), (4, 0.02)]
+    assert cells_b[1].config.batch_size == cells_a[1].config.batch_size  # the rest of the layers kept
+    assert cell_key(b, cells_b[0]) == cell_key(a, cells_a[0])  # the other cell's record stays valid
+    assert cell_key(b, cells_b[1]) != cell_key(a, cells_a[1])
 
 
 def test_study_file_errors_name_the_file(tmp_path):

@@ -73,6 +73,7 @@ CELL_DEFINING_KEYS = frozenset(
         "train",
         "model_train",
         "dataset_train",
+        "cell_train",
         "model_options",
         "option_grid",
         "dataset_options",
@@ -116,6 +117,7 @@ def expand_cells(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
                         **spec.train,
                         **spec.dataset_train.get(dataset, {}),
                         **spec.model_train.get(model, {}),  # no key is in both (checked)
+                        **spec.cell_train.get(f"{model}__{dataset}", {}),  # the most specific wins
                         "model": model,
                         "dataset": dataset,
                         "data_dir": data_dir,

@@ -30,7 +30,9 @@ class StudySpec:
     model, `TrainConfig` fields that replace ``train``'s for that model's cells (architectures need their own
     budget: ``{"vit_tiny": {"epochs": 8}}``); ``dataset_train``: the same per dataset (digits converge in fewer
     epochs than CIFAR-10: ``{"mnist": {"epochs": 4}}``). A key set for both a cell's model and its dataset is
-    refused as ambiguous. ``model_options``:
+    refused as ambiguous. ``cell_train``: per ``<model>__<dataset>`` pair (every grid option of it), fields
+    that replace all of those, the most specific: one pair's budget (``{"efficient_cnn__fashion_mnist":
+    {"epochs": 16}}``) without changing its model's or its dataset's other cells. ``model_options``:
     fixed options per model, e.g. ``{"keras_cnn": {"padding": "same"}}``; ``option_grid``: per model, option
     -> list of values, every combination becoming its own cell (``{"keras_cnn": {"stride": [1, 2, 3]}}``).
     ``dataset_roots``: read a dataset from this folder instead of the data dir, e.g.
@@ -53,6 +55,7 @@ class StudySpec:
     train: dict[str, Any] = field(default_factory=dict)
     model_train: dict[str, Any] = field(default_factory=dict)
     dataset_train: dict[str, Any] = field(default_factory=dict)
+    cell_train: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)
     option_grid: dict[str, Any] = field(default_factory=dict)
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -103,15 +106,34 @@ def _check_overrides(
     overrides_by_name: dict[str, Any] = getattr(spec, field_name)
     _per_name(f"{where}: {field_name}", overrides_by_name, names)
     for name, overrides in overrides_by_name.items():
-        for key in ("model", "dataset"):
-            if key in overrides:
-                raise ConfigError(f"{where}: {field_name}.{name}.{key} cannot be set: the cell decides it")
-        for key, instead in (("model_options", "model_options"), ("dataset_options", "dataset_options"),
-                             ("dataset_root", "dataset_roots")):  # fmt: skip
-            if key in overrides:
-                raise ConfigError(f"{where}: {field_name}.{name}.{key} is not read; set it under {instead}")
+        _refuse_cell_keys(f"{where}: {field_name}.{name}", overrides)
         cell = {"model": name, "dataset": dataset} if kind == "model" else {"model": model, "dataset": name}
         from_dict(TrainConfig, {**spec.train, **overrides, **cell}, where=f"{where}: {field_name}.{name}")
+
+
+def _refuse_cell_keys(where: str, overrides: dict[str, Any]) -> None:
+    """A per-model/dataset/cell override may not set what the cell decides (its model and dataset) nor keys
+    read from their own sections (options and data roots): a ConfigError naming ``where.<key>``."""
+    for key in ("model", "dataset"):
+        if key in overrides:
+            raise ConfigError(f"{where}.{key} cannot be set: the cell decides it")
+    for key, instead in (("model_options", "model_options"), ("dataset_options", "dataset_options"),
+                         ("dataset_root", "dataset_roots")):  # fmt: skip
+        if key in overrides:
+            raise ConfigError(f"{where}.{key} is not read; set it under {instead}")
+
+
+def _check_cell_overrides(where: str, spec: StudySpec, models: list[str], datasets: list[str]) -> None:
+    """Validate ``spec.cell_train``: each key a ``<model>__<dataset>`` pair of the study, each entry's keys
+    `TrainConfig` fields a cell reads, with values of the right type and range (over the pair's own layers)."""
+    pairs = [f"{m}__{d}" for d in datasets for m in models]
+    _per_name(f"{where}: cell_train", spec.cell_train, pairs)
+    for pair, overrides in spec.cell_train.items():
+        model, dataset = pair.split("__", 1)
+        _refuse_cell_keys(f"{where}: cell_train.{pair}", overrides)
+        layers = {**spec.train, **spec.dataset_train.get(dataset, {}), **spec.model_train.get(model, {})}
+        cell = {"model": model, "dataset": dataset}
+        from_dict(TrainConfig, {**layers, **overrides, **cell}, where=f"{where}: cell_train.{pair}")
 
 
 def _per_name(where: str, value: dict[str, Any], valid: list[str]) -> None:
@@ -146,6 +168,7 @@ def validate(spec: StudySpec, where: str) -> StudySpec:
                     f"{where}: {', '.join(both)} set in both model_train.{model} and dataset_train.{dataset}: "
                     f"the {model} x {dataset} cell would not know which to use; set it in one of them"
                 )
+    _check_cell_overrides(where, spec, models, datasets)
     _per_name(f"{where}: model_options", spec.model_options, models)
     check_cell_references(where, spec, models)
     _per_name(f"{where}: dataset_options", spec.dataset_options, datasets)
