@@ -206,11 +206,11 @@ def sanity_maps_figure(method: str, maps: Any, layers: Sequence[str], columns: i
             tiles[i * (h + gap) : i * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = normalise_map(
                 maps[j, i]
             )
-    fig = Figure(figsize=(min(18.0, 1.1 * len(stages) + 1.0), 1.1 * max(1, n) + 1.6))
+    fig = Figure(figsize=(min(18.0, 1.1 * len(stages) + 1.0), 1.1 * max(1, n) + 2.2))  # room for the names
     ax = fig.subplots()
     ax.imshow(np.ma.masked_invalid(tiles), cmap="jet", vmin=0, vmax=1, interpolation="nearest")
     names = ["original" if j == 0 else f"{j} random\n(to {layers[j - 1]})" for j in stages]
-    ax.set_xticks([col * (w + gap) + w / 2 for col in range(len(stages))], names, rotation=60)
+    ax.set_xticks([col * (w + gap) + w / 2 for col in range(len(stages))], names, rotation=45, ha="right")
     ax.tick_params(axis="x", labelsize=7)
     ax.set_yticks([])
     ax.set_title(f"{method}: maps as layers are randomised (top layer first)", fontsize=9)
