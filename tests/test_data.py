@@ -16,20 +16,24 @@ from PIL import Image
 
 from xailab.data import (
     Augment,
+    affine_theta,
+    affine_warp,
     augment_batch,
     dataset_status,
     folders,
     list_datasets,
     load_dataset,
+    random_affine,
     random_crop,
     random_hflip,
+    random_intensity,
     resize_uint8,
     sample_indices,
     stratified_split,
     to_channels,
     to_model_input,
 )
-from xailab.errors import DatasetError, UnknownNameError, XailabError
+from xailab.errors import ConfigError, DatasetError, UnknownNameError, XailabError
 
 # --- IDX (mnist layout) ---------------------------------------------------------------------------
 
@@ -396,6 +400,68 @@ def test_augment_batch_deterministic_for_a_seed():
     assert torch.equal(a, b) and a.shape == x.shape
 
 
+def test_affine_warp_known_answers_rotation_and_shift():
+    x = batch(b=1, h=8, w=8, c=2)
+    # +90 degrees turns the content clockwise on screen: exactly torch.rot90 with k=-1, pixel for pixel
+    turned = affine_warp(x, affine_theta(torch.tensor([[1.0, 0, 0, 0]]), 90, 0, 0))
+    assert torch.equal(turned, torch.rot90(x, k=-1, dims=(1, 2)))
+    # a shift by a quarter of the width moves the content 2 pixels right; the left edge repeats column 0
+    right = affine_warp(x, affine_theta(torch.tensor([[0, 0, 1.0, 0]]), 0, 0, 0.25))
+    assert torch.equal(right[:, :, 2:], x[:, :, :6])
+    assert torch.equal(right[:, :, :2], x[:, :, :1].expand(-1, -1, 2, -1))
+    down = affine_warp(x, affine_theta(torch.tensor([[0, 0, 0, -1.0]]), 0, 0, 0.25))  # up by 2 rows
+    assert torch.equal(down[:, :6], x[:, 2:]) and torch.equal(down[:, 6:], x[:, 7:].expand(-1, 2, -1, -1))
+    # nothing asked: the same pixels
+    assert torch.equal(affine_warp(x, affine_theta(torch.zeros(1, 4), 30, 0.2, 0.2)), x)
+
+
+def test_affine_zoom_scales_area_and_keeps_constant_images():
+    square = torch.zeros(2, 32, 32, 1, dtype=torch.uint8)
+    square[:, 12:20, 12:20] = 255  # an 8x8 square at the centre
+    zoomed = affine_warp(square, affine_theta(torch.tensor([[0, 1.0, 0, 0], [0, -1.0, 0, 0]]), 0, 0.5, 0))
+    mass = zoomed.float().sum(dim=(1, 2, 3)) / square[0].float().sum()
+    assert mass.tolist() == pytest.approx([1.5**2, 0.5**2], rel=0.05)  # zoom 1.5 and 0.5: area x s^2
+    flat = torch.full((16, 9, 11, 3), 77, dtype=torch.uint8)  # edges filled by the nearest pixel: no black
+    assert torch.equal(random_affine(flat, 45, 0.3, 0.3, torch.Generator().manual_seed(0)), flat)
+
+
+def test_random_affine_and_intensity_off_are_identities_that_draw_nothing():
+    x, gen = batch(), torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    assert random_affine(x, 0, 0, 0, gen) is x and random_intensity(x, 0, 0, gen) is x
+    assert torch.equal(gen.get_state(), state)  # seeded crop/flip runs reproduce as before
+    moved = random_affine(batch(b=64, h=16, w=16), 20, 0.2, 0.2, gen)
+    assert moved.dtype == torch.uint8 and moved.shape == (64, 16, 16, 3)
+    assert not torch.equal(moved, batch(b=64, h=16, w=16))
+
+
+def test_random_intensity_stays_within_its_ranges():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(96, 160, (64, 8, 8, 1), generator=gen, dtype=torch.uint8)  # no clipping below
+    shifted = random_intensity(x, 0.1, 0, gen).float() - x.float()
+    per_image = shifted.flatten(1)
+    assert torch.equal(per_image.max(1).values, per_image.min(1).values)  # one offset per image
+    assert per_image[:, 0].abs().max() <= 25.5 + 0.5 and per_image[:, 0].std() > 5
+    stretched = random_intensity(x, 0, 0.2, gen).float()
+    ratio = stretched.flatten(1).std(1) / x.float().flatten(1).std(1)
+    assert ratio.min() > 0.8 - 0.02 and ratio.max() < 1.2 + 0.02 and ratio.std() > 0.03
+    assert (stretched.flatten(1).mean(1) - x.float().flatten(1).mean(1)).abs().max() < 0.5
+
+
+def test_augment_values_are_bounded_and_named():
+    with pytest.raises(ConfigError, match=r"augment\.rotate: -5 is out of range; valid: in \[0, 180\]"):
+        Augment(rotate=-5)
+    with pytest.raises(ConfigError, match=r"augment\.scale: 1.0 is out of range"):
+        Augment(scale=1.0)
+    with pytest.raises(ConfigError, match=r"augment: unknown key 'rotation'.*Valid keys: crop_padding"):
+        load_dataset("digits", augment={"rotation": 10})
+    # a mapping changes only the keys it gives: the digits' own 1-pixel crop stays
+    ds = load_dataset("digits", augment={"rotate": 10, "translate": 0.1})
+    assert ds.augment == Augment(crop_padding=1, rotate=10.0, translate=0.1)
+    with pytest.raises(ConfigError, match=r"augment\.contrast: expected float, got 'high'"):
+        load_dataset("digits", augment={"contrast": "high"})
+
+
 def test_transforms_have_no_per_sample_loop(monkeypatch):
     # A Python loop over samples would index the batch once per sample: count tensor indexing calls.
     calls = []
@@ -408,6 +474,8 @@ def test_transforms_have_no_per_sample_loop(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__getitem__", counting)
     random_crop(batch(b=256), 4, torch.Generator().manual_seed(0))
     random_hflip(batch(b=256), torch.Generator().manual_seed(0))
+    random_affine(batch(b=256), 10, 0.1, 0.1, torch.Generator().manual_seed(0))
+    random_intensity(batch(b=256), 0.1, 0.2, torch.Generator().manual_seed(0))
     assert len(calls) < 20
 
 

@@ -285,6 +285,26 @@ def test_confusion_matrices_wrap_so_each_keeps_its_size():
         assert not a.overlaps(b)
 
 
+def test_long_cell_names_wrap_in_the_confusion_titles():
+    from xailab.report import charts
+
+    assert charts.wrap_cell_name("resnet18__mnist") == "resnet18__mnist"
+    assert charts.wrap_cell_name("transfer_ensemble__chest_xray") == "transfer_ensemble__\nchest_xray"
+    records = _fake_records(3, classes=2)  # two classes: the narrowest matrices
+    for i, rec in enumerate(records):
+        rec["cell"] = ("mobilenetv2_imagenet", "densenet169", "transfer_ensemble")[i] + "__chest_xray"
+    fig = charts.confusion_matrices(records)
+    _boxes(fig)  # draw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.axison]
+    width = fig.get_figwidth() * fig.dpi
+    assert all(0 <= t.x0 and t.x1 <= width for t in titles), (titles, width)  # none cut at the edge
+    for a, b in [(a, b) for i, a in enumerate(titles) for b in titles[i + 1 :]]:
+        assert not a.overlaps(b), (a, b)
+
+
 def _stats(mean: float, low: float, high: float) -> dict:
     return {"mean": mean, "ci_low": low, "ci_high": high, "n": 64}
 
@@ -366,3 +386,79 @@ def test_the_misclassified_count_agrees_with_the_test_accuracy_under_tta(study_d
         wrong = int(cm.sum() - np.trace(cm))
         assert record["misclassified"]["searched"] == cm.sum()
         assert record["misclassified"]["total"] == wrong, path
+
+
+def _grid_records() -> list[dict]:
+    """Nine cells of a seed grid: three models x three datasets, two MNIST ones equally accurate."""
+    accuracy = {
+        "mnist": (0.9959, 0.9959, 0.9950),
+        "fashion_mnist": (0.94, 0.936, 0.928),
+        "cifar10": (0.86, 0.83, 0.78),
+    }
+    sizes = {"resnet18": 11_000_000, "efficient_cnn": 1_200_000, "mobilenetv2": 2_200_000}
+    return [
+        {
+            "cell": f"{model}__{dataset}",
+            "model": model,
+            "dataset": dataset,
+            "parameters": sizes[model],
+            "train_seconds": 600.0 + 100 * (j // 2),  # two cells at one point of the time panel
+            "test": {"accuracy": accuracy[dataset][j]},
+        }
+        for dataset in accuracy
+        for j, model in enumerate(sizes)
+    ]
+
+
+def test_the_accuracy_scatter_has_a_row_per_dataset_and_no_overlapping_labels():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from xailab.report import charts
+
+    fig = charts.accuracy_scatter(_grid_records())
+    assert len(fig.axes) == 6  # two panels per dataset
+    titles = [ax.get_title() for ax in fig.axes]
+    assert (
+        titles[0] == "mnist: accuracy vs parameters"
+        and titles[-1] == "cifar10: accuracy vs training time (s)"
+    )
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts]
+        assert sorted(t.get_text() for t in labels) == ["efficient_cnn", "mobilenetv2", "resnet18"]
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert not a.overlaps(b), (ax.get_title(), a, b)
+    # one dataset: the labels are the cells' names, one row
+    one = charts.accuracy_scatter(_grid_records()[:3])
+    assert len(one.axes) == 2 and sorted(t.get_text() for t in one.axes[1].texts)[0] == "efficient_cnn__mnist"
+
+
+def test_every_table_scrolls_inside_its_own_box(study_dir):
+    # a table wider than the window (many metrics, long model options) scrolls by itself: the page does not
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+            self.parents: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.parents.append(self.stack[-1] if self.stack else "")
+            if tag in ("div", "section", "main", "body"):
+                self.stack.append(f"{tag}.{dict(attrs).get('class', '')}")
+
+        def handle_endtag(self, tag):
+            if tag in ("div", "section", "main", "body"):
+                self.stack.pop()
+
+    html = (study_dir / "report.html").read_text()
+    page = Tables()
+    page.feed(html)
+    assert len(page.parents) >= 4 and set(page.parents) == {"div.wide"}, page.parents
+    assert "div.wide { max-width: 100%; overflow-x: auto; }" in html

@@ -309,3 +309,15 @@ def test_the_full_run_configs_validate(name):
             "efficient_cnn__mnist": 8,
             "mobilenetv2__mnist": 8,
         }
+    else:  # the chest X-rays: the seed README's affine warp on every cell
+        assert all(c.config.dataset_options["augment"]["rotate"] == 20 for c in cells)
+
+
+def test_the_offline_chest_study_adds_the_warp_to_the_datasets_crop(shared_data_dir):
+    from xailab.data import Augment, load_dataset
+
+    spec = read_study(REPO / "configs" / "chest-xray-offline.yaml")
+    ds = load_dataset(
+        "chest_xray", data_dir=shared_data_dir, image_size=112, **spec.dataset_options["chest_xray"]
+    )
+    assert ds.augment == Augment(crop_padding=7, rotate=20, translate=0.2, scale=0.2)

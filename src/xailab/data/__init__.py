@@ -7,10 +7,12 @@ csv_folder, chest_xray). A dataset's folder is ``root`` (``--dataset-root``) if 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from xailab.config import from_dict
 from xailab.data import cifar, folders, idx, transforms  # noqa: F401  (importing registers the loaders)
 from xailab.data import digits as _digits  # noqa: F401  (imported to register its loader)
 from xailab.data import shortcut as _shortcut  # noqa: F401  (registers the planted-shortcut wrapper)
@@ -30,9 +32,13 @@ from xailab.data.base import (
 from xailab.data.download import fetch
 from xailab.data.transforms import (
     Sample,
+    affine_theta,
+    affine_warp,
     augment_batch,
+    random_affine,
     random_crop,
     random_hflip,
+    random_intensity,
     resize_uint8,
     sample_indices,
     stratified_split,
@@ -49,6 +55,8 @@ __all__ = [
     "ImageSet",
     "LoadRequest",
     "Sample",
+    "affine_theta",
+    "affine_warp",
     "augment_batch",
     "channel_stats",
     "dataset_folder",
@@ -58,8 +66,10 @@ __all__ = [
     "fetch",
     "list_datasets",
     "load_dataset",
+    "random_affine",
     "random_crop",
     "random_hflip",
+    "random_intensity",
     "register_dataset",
     "register_status",
     "resize_uint8",
@@ -102,15 +112,14 @@ def _as_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return size[0], size[1]
 
 
-def _as_augment(value: Augment | Mapping) -> Augment:
+def _as_augment(value: Augment | Mapping, default: Augment) -> Augment:
+    """The ``augment`` option over the dataset's own augmentation: an ``Augment`` replaces it, a mapping
+    changes only the keys it gives (``{"rotate": 10}`` adds a rotation to the dataset's crop and flip)."""
     if isinstance(value, Augment):
         return value
-    try:
-        return Augment(**value)
-    except TypeError as exc:
-        raise DatasetError(
-            f"augment option {value!r} is invalid ({exc}); use crop_padding=<int>, hflip=<bool>"
-        ) from None
+    if not isinstance(value, Mapping):
+        return from_dict(Augment, value, "augment")  # names the type error
+    return from_dict(Augment, {**dataclasses.asdict(default), **value}, "augment")
 
 
 def conform(dataset: Dataset, image_size: tuple[int, int] | None, channels: int | None) -> Dataset:
@@ -143,7 +152,7 @@ def load_dataset(
     ``image_size`` (int or ``(H, W)``) and ``channels`` (1 or 3) are applied at load time; mean/std are
     computed on the resulting train split. ``download`` fetches missing official files (``mirrors`` first).
     ``options`` go to the loader (``csv``, ``test_fraction``, ...); ``augment`` (an ``Augment`` or a dict)
-    overrides the dataset's default augmentation. Unknown names raise ``UnknownNameError``.
+    changes the dataset's default augmentation (a dict: only the keys it gives; see ``Augment``). Unknown names raise ``UnknownNameError``.
     """
     spec = DATASETS.get(name)
     spec.check_options(options)
@@ -160,7 +169,7 @@ def load_dataset(
         options={**options, "channels": channels},
     )
     dataset = conform(spec.load(request), size, channels)
-    return replace(dataset, augment=_as_augment(augment)) if augment is not None else dataset
+    return replace(dataset, augment=_as_augment(augment, dataset.augment)) if augment is not None else dataset
 
 
 def dataset_status(name: str, data_dir: str | Path | None = None) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xailab.config import bounded, check_bounds
 from xailab.errors import ConfigError, DatasetError, did_you_mean
 from xailab.registry import Registry
 
@@ -22,10 +23,26 @@ class Augment:
 
     ``crop_padding``: random crop after zero-padding each side by this many pixels (0 = off).
     ``hflip``: random horizontal flip (never for digits or anatomy, where left/right carries meaning).
+    ``rotate`` / ``scale`` / ``translate``: a random affine warp per image — a rotation uniform in
+    ``[-rotate, rotate]`` degrees, a zoom uniform in ``[1 - scale, 1 + scale]``, a shift uniform in
+    ``[-translate, translate]`` of the width and of the height (Keras' ``rotation_range``, ``zoom_range``,
+    ``width_shift_range``/``height_shift_range``, edges filled by the nearest pixel as Keras does).
+    ``brightness`` / ``contrast``: per-image intensity jitter — an offset uniform in ``[-brightness,
+    brightness]`` of the full range and a contrast factor uniform in ``[1 - contrast, 1 + contrast]`` about the
+    image's mean (exposure differences between scanners).
+    All off by default; every value is bounded (``xailab.config``), so a bad one is named where it is given.
     """
 
-    crop_padding: int = 0
-    hflip: bool = False
+    crop_padding: int = bounded(0, low=0, high=512, help="random crop after zero-padding by this many pixels")
+    hflip: bool = bounded(False, help="random horizontal flip")
+    rotate: float = bounded(0.0, low=0, high=180, help="largest random rotation, degrees")
+    scale: float = bounded(0.0, low=0, high=1, high_open=True, help="largest random zoom, fraction")
+    translate: float = bounded(0.0, low=0, high=0.5, help="largest random shift, fraction of the size")
+    brightness: float = bounded(0.0, low=0, high=1, help="largest random brightness offset, fraction of 255")
+    contrast: float = bounded(0.0, low=0, high=1, high_open=True, help="largest random contrast change")
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "augment")
 
 
 @dataclass(frozen=True)

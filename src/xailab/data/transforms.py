@@ -6,6 +6,7 @@ generator's device and then moved to the images' device, so a CPU generator can 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -51,10 +52,75 @@ def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(2), x)
 
 
+def _draw_uniform(n: int, k: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``[n, k]`` floats uniform in ``[-1, 1)``, drawn on the generator's device, returned on ``device``."""
+    return (torch.rand(n, k, generator=generator, device=generator.device) * 2 - 1).to(device)
+
+
+def affine_theta(u: Tensor, rotate: float, scale: float, translate: float) -> Tensor:
+    """The ``[B, 2, 3]`` sampling matrices of ``affine_warp`` from ``u`` (``[B, 4]`` in ``[-1, 1]``): rotation
+    ``u[:, 0] * rotate`` degrees (positive turns the content clockwise on screen, rows downwards), zoom
+    ``1 + u[:, 1] * scale`` (> 1 enlarges the content), shift of the content by ``u[:, 2] * translate`` of the
+    width (positive: right) and ``u[:, 3] * translate`` of the height (positive: down)."""
+    angle = u[:, 0] * math.radians(rotate)
+    zoom = 1 + u[:, 1] * scale
+    # theta maps output to input coordinates in [-1, 1]: a zoom by s samples a region 1/s as large, and a
+    # content shift by a fraction f of the size samples at -2f in these coordinates
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    row_x = torch.stack([cos, sin, -2 * translate * u[:, 2]], 1)
+    row_y = torch.stack([-sin, cos, -2 * translate * u[:, 3]], 1)
+    return torch.stack([row_x, row_y], 1)
+
+
+def affine_warp(x: Tensor, theta: Tensor) -> Tensor:
+    """Resample uint8 ``x`` (``[B, H, W, C]``) through per-image matrices ``theta`` (``[B, 2, 3]``, output to
+    input coordinates in ``[-1, 1]``): one ``affine_grid`` + ``grid_sample`` for the batch, bilinear, edges
+    filled by the nearest pixel (``padding_mode="border"``, Keras' ``fill_mode="nearest"``). Returns uint8."""
+    b, h, w, c = x.shape
+    grid = F.affine_grid(theta.float(), [b, c, h, w], align_corners=False)
+    warped = F.grid_sample(
+        x.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return warped.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def random_affine(
+    x: Tensor, rotate: float, scale: float, translate: float, generator: torch.Generator
+) -> Tensor:
+    """Warp each image of uint8 ``x`` (``[B, H, W, C]``) by its own random rotation, zoom and shift: rotation
+    uniform in ``[-rotate, rotate]`` degrees, zoom in ``[1 - scale, 1 + scale]``, shift in ``[-translate,
+    translate]`` of the width and of the height (``affine_theta``, ``affine_warp``). All three 0 returns
+    ``x`` unchanged, drawing nothing."""
+    if rotate == 0 and scale == 0 and translate == 0:
+        return x
+    u = _draw_uniform(x.shape[0], 4, generator, x.device)
+    return affine_warp(x, affine_theta(u, rotate, scale, translate))
+
+
+def random_intensity(x: Tensor, brightness: float, contrast: float, generator: torch.Generator) -> Tensor:
+    """Jitter each image of uint8 ``x`` (``[B, H, W, C]``): contrast about its own mean, then brightness.
+
+    ``x' = (x - mean) * c + mean + 255 * o`` with ``c`` uniform in ``[1 - contrast, 1 + contrast]`` and ``o`` in
+    ``[-brightness, brightness]``, clipped to ``[0, 255]``. Both 0 returns ``x`` unchanged.
+    """
+    if brightness == 0 and contrast == 0:
+        return x
+    u = _draw_uniform(x.shape[0], 2, generator, x.device)
+    factor = (1 + u[:, 0] * contrast)[:, None, None, None]
+    offset = (255 * brightness * u[:, 1])[:, None, None, None]
+    xf = x.float()
+    mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+    return ((xf - mean) * factor + mean + offset).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def augment_batch(x: Tensor, augment: Augment, generator: torch.Generator) -> Tensor:
-    """Apply a dataset's training augmentation to uint8 ``[B, H, W, C]`` images (crop, then flip)."""
+    """Apply a dataset's training augmentation to uint8 ``[B, H, W, C]`` images: affine warp, crop, flip,
+    intensity jitter (each only when ``augment`` switches it on; the default crop + flip draw the same random
+    numbers as before the warp and jitter existed, so seeded runs reproduce)."""
+    x = random_affine(x, augment.rotate, augment.scale, augment.translate, generator)
     x = random_crop(x, augment.crop_padding, generator)
-    return random_hflip(x, generator) if augment.hflip else x
+    x = random_hflip(x, generator) if augment.hflip else x
+    return random_intensity(x, augment.brightness, augment.contrast, generator)
 
 
 def to_model_input(

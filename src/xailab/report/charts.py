@@ -62,30 +62,71 @@ def training_curves(records: Sequence[Record]) -> Figure:
 
 
 def accuracy_scatter(records: Sequence[Record]) -> Figure:
-    """Test accuracy against parameters (log scale) and against training time, one labelled point per cell."""
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
+    """Test accuracy against parameters (log scale) and against training time, one labelled point per cell.
+
+    One row of the two panels per dataset (accuracies of different datasets share no scale: the cells of an
+    easy dataset would crowd at its top, their labels on top of each other); within a row a point is named by
+    its model, and its colour is the cell's in the training curves. Labels that would collide are moved
+    apart vertically (``_spread_labels``)."""
+    datasets = list(dict.fromkeys(str(rec.get("dataset", "")) for rec in records))
+    fig = Figure(figsize=(11, 3.8 * len(datasets) + 0.4))
+    axes = fig.subplots(len(datasets), 2, squeeze=False)
     panels = (("parameters", "parameters", True), ("train_seconds", "training time (s)", False))
-    for ax, (key, label, log) in zip(axes, panels, strict=True):
-        for i, rec in enumerate(records):
-            x, y = rec.get(key), rec.get("test", {}).get("accuracy")
-            if x is None or y is None:
-                continue
-            ax.scatter([x], [y], color=f"C{i % 10}", s=40, zorder=3)
-            ax.annotate(rec["cell"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        xs = [r[key] for r in records if r.get(key)]
-        if log:
-            ax.set_xscale("log")
-            if xs:  # at least one decade either side, so the axis has labelled ticks
-                ax.set_xlim(min(xs) / 4, max(xs) * 4)
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over a narrow range
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"accuracy vs {label}")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0 if log else 0.25, y=0.15)
+    for row, dataset in zip(axes, datasets, strict=True):
+        for ax, (key, label, log) in zip(row, panels, strict=True):
+            texts = []
+            for i, rec in enumerate(records):
+                x, y = rec.get(key), rec.get("test", {}).get("accuracy")
+                if str(rec.get("dataset", "")) != dataset or x is None or y is None:
+                    continue
+                ax.scatter([x], [y], color=f"C{i % 10}", s=40, zorder=3)
+                name = rec.get("model", rec["cell"]) if len(datasets) > 1 else rec["cell"]
+                texts.append(ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7))
+            xs = [r[key] for r in records if r.get(key) and str(r.get("dataset", "")) == dataset]
+            if log:
+                ax.set_xscale("log")
+                if xs:  # at least one decade either side, so the axis has labelled ticks
+                    ax.set_xlim(min(xs) / 4, max(xs) * 4)
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over a narrow range
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{dataset}: accuracy vs {label}" if dataset else f"accuracy vs {label}")
+            ax.grid(alpha=0.3)
+            ax.margins(x=0 if log else 0.25, y=0.25)
+            _spread_labels(fig, texts)
     fig.tight_layout()
     return fig
+
+
+def _spread_labels(fig: Figure, texts: list[Any], gap_pt: float = 1.0) -> None:
+    """Move annotation ``texts`` of one axes up or down (whole points) until no two bounding boxes overlap:
+    a greedy pass from the lowest label upwards, each pushed above the ones below that it would touch."""
+    if len(texts) < 2:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.tight_layout()  # place the axes as they will be saved before measuring the labels
+    points_per_pixel = 72 / fig.dpi
+    placed: list[Any] = []
+    for text in sorted(texts, key=lambda t: t.get_window_extent(renderer).y0):
+        box = text.get_window_extent(renderer)
+        for _ in range(len(placed)):  # each push clears at least one placed label, which stays below
+            hits = [other for other in placed if box.overlaps(other)]
+            if not hits:
+                break
+            dy = (max(other.y1 for other in hits) - box.y0) * points_per_pixel + gap_pt
+            x_off, y_off = text.get_position()
+            text.set_position((x_off, y_off + dy))
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+
+
+def wrap_cell_name(cell: str, width: int = 22) -> str:
+    """A cell's name for a narrow title: ``<model>__<dataset>`` broken after the ``__`` when longer than
+    ``width`` characters (a confusion matrix is about 2 inches wide; a long name ran into its neighbour)."""
+    model, sep, dataset = cell.partition("__")
+    return f"{model}{sep}\n{dataset}" if sep and len(cell) > width else cell
 
 
 def confusion_matrices(records: Sequence[Record], per_row: int = 3) -> Figure:
@@ -125,7 +166,7 @@ def confusion_matrices(records: Sequence[Record], per_row: int = 3) -> Figure:
         ax.set_yticks(range(k), names, fontsize=6)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
-        ax.set_title(rec["cell"], fontsize=8)
+        ax.set_title(wrap_cell_name(rec["cell"]), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -191,7 +232,7 @@ def agreement_matrices(records: Sequence[Record]) -> Figure:
             )
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(methods)), methods, fontsize=7)
-        ax.set_title(rec["cell"], fontsize=8)
+        ax.set_title(wrap_cell_name(rec["cell"]), fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="Spearman")
     return fig

@@ -56,6 +56,7 @@ from xailab.records import (
 from xailab.report.assessment import sanity_overlay_figure
 from xailab.study.spec import StudySpec
 from xailab.train import Run, TrainConfig, load_run, predict_logits, train
+from xailab.train.ema import flip_average
 from xailab.train.loop import config_hash
 from xailab.train.runs import read_run_config, read_run_meta
 
@@ -464,11 +465,11 @@ def predict_test(run: Run, dataset: Dataset) -> Predictions:
     t0 = time.perf_counter()
     logits = predict_logits(model, test.images, dataset.mean, dataset.std, run.config.eval_batch_size)
     seconds = time.perf_counter() - t0
-    if run.config.tta == "flip":  # the mean of the image's and its mirror image's logits, as flip_tta
+    if run.config.tta == "flip":
         mirrored = predict_logits(
             model, test.images.flip(2), dataset.mean, dataset.std, run.config.eval_batch_size
         )
-        logits = (logits + mirrored) / 2
+        logits = flip_average(logits, mirrored)
     probs = logits.softmax(1).cpu()
     return Predictions(probs.argmax(1), probs, round(len(test) / max(seconds, 1e-9), 1))
 

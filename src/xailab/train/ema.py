@@ -71,4 +71,11 @@ def flip_tta(model: nn.Module, x: Tensor) -> Tensor:
     Only for data where a mirror image shows the same class (natural images; never digits or anatomy).
     """
     both = model(torch.cat([x, x.flip(-1)]))
-    return (both[: x.shape[0]].float() + both[x.shape[0] :].float()) / 2
+    return flip_average(both[: x.shape[0]], both[x.shape[0] :])
+
+
+def flip_average(plain: Tensor, mirrored: Tensor) -> Tensor:
+    """The flip TTA's logits ``[B, K]``: the fp32 mean of the images' logits and their mirror images'. The one
+    place that says how the two passes combine (``flip_tta``, and the study's predictions, which time the
+    plain pass alone)."""
+    return (plain.float() + mirrored.float()) / 2
