@@ -214,8 +214,8 @@ def warn_foreign_rate(lr: Any, rate: float, optimizer: str, batch: int, recipe: 
 
     A warning, not an error: a rate far from the reference can be deliberate (fine-tuning, a sweep).
     """
-    if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
-        return  # not a rate: TrainConfig's validation names it
+    if not isinstance(lr, int | float) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        return  # not a rate (nan, inf, <= 0): TrainConfig's validation names it
     ratio = max(lr / rate, rate / lr)
     if ratio <= FOREIGN_RATE_FACTOR * (1 + 1e-9):
         return
