@@ -432,9 +432,16 @@ def test_the_accuracy_scatter_has_a_row_per_dataset_and_no_overlapping_labels():
         for i, a in enumerate(boxes):
             for b in boxes[i + 1 :]:
                 assert not a.overlaps(b), (ax.get_title(), a, b)
-    # one dataset: the labels are the cells' names, one row
-    one = charts.accuracy_scatter(_grid_records()[:3])
-    assert len(one.axes) == 2 and sorted(t.get_text() for t in one.axes[1].texts)[0] == "efficient_cnn__mnist"
+    # one dataset: one row, the cells named without the dataset (in the title); option cells keep their suffix
+    records = _grid_records()[:3]
+    records[0]["cell"] = "resnet18-stride2__mnist"
+    one = charts.accuracy_scatter(records)
+    assert len(one.axes) == 2 and one.axes[0].get_title() == "mnist: accuracy vs parameters"
+    assert sorted(t.get_text() for t in one.axes[1].texts) == [
+        "efficient_cnn",
+        "mobilenetv2",
+        "resnet18-stride2",
+    ]
 
 
 def test_every_table_scrolls_inside_its_own_box(study_dir):

@@ -66,7 +66,8 @@ def accuracy_scatter(records: Sequence[Record]) -> Figure:
 
     One row of the two panels per dataset (accuracies of different datasets share no scale: the cells of an
     easy dataset would crowd at its top, their labels on top of each other); within a row a point is named by
-    its model, and its colour is the cell's in the training curves. Labels that would collide are moved
+    its cell without the dataset (the row's title says it), and its colour is the cell's in the training
+    curves. Labels that would collide are moved
     apart vertically (``_spread_labels``)."""
     datasets = list(dict.fromkeys(str(rec.get("dataset", "")) for rec in records))
     fig = Figure(figsize=(11, 3.8 * len(datasets) + 0.4))
@@ -80,7 +81,7 @@ def accuracy_scatter(records: Sequence[Record]) -> Figure:
                 if str(rec.get("dataset", "")) != dataset or x is None or y is None:
                     continue
                 ax.scatter([x], [y], color=f"C{i % 10}", s=40, zorder=3)
-                name = rec.get("model", rec["cell"]) if len(datasets) > 1 else rec["cell"]
+                name = str(rec["cell"]).removesuffix(f"__{dataset}") if dataset else rec["cell"]
                 texts.append(ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7))
             xs = [r[key] for r in records if r.get(key) and str(r.get("dataset", "")) == dataset]
             if log:
