@@ -67,8 +67,7 @@ def accuracy_scatter(records: Sequence[Record]) -> Figure:
     One row of the two panels per dataset (accuracies of different datasets share no scale: the cells of an
     easy dataset would crowd at its top, their labels on top of each other); within a row a point is named by
     its cell without the dataset (the row's title says it), and its colour is the cell's in the training
-    curves. Labels that would collide are moved
-    apart vertically (``_spread_labels``)."""
+    curves. Labels that would collide are moved apart vertically (``_spread_labels``)."""
     datasets = list(dict.fromkeys(str(rec.get("dataset", "")) for rec in records))
     fig = Figure(figsize=(11, 3.8 * len(datasets) + 0.4))
     axes = fig.subplots(len(datasets), 2, squeeze=False)
